@@ -1,0 +1,1 @@
+"""cifar-pl: config-driven CIFAR training with Lightning and Hydra."""
