@@ -1,0 +1,141 @@
+"""The LightningDataModule: loads a dataset as uint8 tensors, holds out a fixed-seed validation split, and
+augments + normalises whole batches on the device in ``on_after_batch_transfer``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler
+
+from cifar_pl.data.arrays import ImageArrays, IndexedImages, keep_batch
+from cifar_pl.data.augment import BatchTransform
+from cifar_pl.data.cifar import CIFAR10, CIFAR100, CifarSource
+from cifar_pl.data.fashion_mnist import FashionMNISTSource
+from cifar_pl.data.synthetic import SyntheticSource
+from cifar_pl.errors import ConfigurationError
+
+SOURCES: dict[str, Callable[..., Any]] = {
+    "cifar10": lambda: CifarSource(CIFAR10),
+    "cifar100": lambda: CifarSource(CIFAR100),
+    "fashion_mnist": FashionMNISTSource,
+    "synthetic": SyntheticSource,
+}
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Any of the supported datasets (``SOURCES``), with a validation hold-out of ``val_size`` training
+    images chosen by ``seed``; the official test split is the test set.
+
+    ``num_classes`` and ``channels`` are declared in the data config (the model config reads them) and are
+    checked against the files when they are loaded.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        root: str = "data",
+        num_classes: int = 10,
+        channels: int = 3,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.25, 0.25, 0.25),
+        batch_size: int = 32,
+        eval_batch_size: int = 512,
+        val_size: int = 5000,
+        seed: int = 0,
+        download: bool = True,
+        augment: bool = True,
+        crop_padding: int = 4,
+        flip: bool = True,
+        num_workers: int = 0,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if dataset not in SOURCES:
+            raise ConfigurationError(f"unknown dataset {dataset!r}: data.dataset must be one of {sorted(SOURCES)}")
+        mean, std, options = [float(m) for m in mean], [float(s) for s in std], dict(options or {})
+        self.save_hyperparameters()
+        self.source = SOURCES[dataset](**options)
+        self.transform = BatchTransform(
+            mean, std, padding=crop_padding if augment else 0, flip=flip and augment, seed=seed
+        )
+        self.classes: tuple[str, ...] = ()
+        self.train_set: IndexedImages | None = None
+        self.val_set: IndexedImages | None = None
+        self.test_set: IndexedImages | None = None
+
+    @property
+    def root(self) -> Path:
+        return Path(self.hparams.root).expanduser()
+
+    def prepare_data(self) -> None:
+        """Download when missing (Lightning calls this on one process per node)."""
+        self.source.prepare(self.root, self.hparams.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        arrays = self.source.load(self.root)
+        self._check_matches_config(arrays)
+        n, val_size = len(arrays.train_labels), self.hparams.val_size
+        if not 0 < val_size < n:
+            raise ConfigurationError(
+                f"data.val_size={val_size} must be between 1 and {n - 1}: the {self.hparams.dataset} training "
+                f"split has {n} images and the validation hold-out is taken from it."
+            )
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed))
+        val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
+        self.train_set = IndexedImages(arrays.train_images[train_idx], arrays.train_labels[train_idx])
+        self.val_set = IndexedImages(arrays.train_images[val_idx], arrays.train_labels[val_idx])
+        self.test_set = IndexedImages(arrays.test_images, arrays.test_labels)
+        self.classes = arrays.classes
+
+    def _check_matches_config(self, arrays: ImageArrays) -> None:
+        declared = (self.hparams.num_classes, self.hparams.channels)
+        if declared != (arrays.num_classes, arrays.channels):
+            raise ConfigurationError(
+                f"the data config declares num_classes={declared[0]} and channels={declared[1]}, but the "
+                f"{self.hparams.dataset} files under {self.root} have {arrays.num_classes} classes and "
+                f"{arrays.channels} channels; fix data.num_classes / data.channels in the data config."
+            )
+
+    def _loader(self, dataset: IndexedImages | None, batch_size: int, **kwargs: Any) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("ImageDataModule.setup() must run before asking for a DataLoader")
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=keep_batch,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # A DistributedSampler even on one process: its order is a pure function of (seed, epoch), so a
+        # resumed run replays the same order, and under DDP each rank takes its own share.
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = DistributedSampler(
+            self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed
+        )
+        return self._loader(self.train_set, self.hparams.batch_size, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.hparams.eval_batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 3):
+            return batch  # not one of our loaders' batches (e.g. the model summary's example input)
+        images, labels, indices = batch
+        trainer = self.trainer
+        training = trainer is not None and trainer.training
+        epoch = trainer.current_epoch if trainer is not None else 0
+        return self.transform(images, indices, epoch, train=training), labels
