@@ -1,0 +1,149 @@
+"""What ``train.py`` does: build data, model, callbacks, logger and trainer from the Hydra config, fit,
+test the best checkpoint, and write ``metrics.json`` into the run directory (also when the run fails)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig
+
+from cifar_pl.callbacks import EpochTimer
+from cifar_pl.errors import ConfigurationError
+from cifar_pl.runtime import configure_threads, quiet_third_party_noise, resolve_precision
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
+    """Every entry of the ``callbacks`` group with a ``_target_``; set one to null to switch it off."""
+    return [instantiate(c) for c in (cfg or {}).values() if c is not None and "_target_" in c]
+
+
+def hydra_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically (temporary file, then rename) so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def _find(trainer: L.Trainer, kind: type) -> Any:
+    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Callback], logger: Logger | bool) -> L.Trainer:
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.get("accelerator", "auto"))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, precision=precision)
+
+
+def announce_outputs(run_dir: Path, trainer: L.Trainer) -> None:
+    lines = [f"Run directory:    {run_dir}"]
+    if trainer.logger is not None and trainer.logger.log_dir:
+        lines.append(f"TensorBoard logs: {trainer.logger.log_dir}")
+    checkpoint = _find(trainer, ModelCheckpoint)
+    if checkpoint is not None and checkpoint.dirpath:
+        lines.append(f"Checkpoints:      {checkpoint.dirpath}")
+    lines.append(f"View the curves:  tensorboard --logdir {run_dir}")
+    log.info("\n" + "\n".join(lines))
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    quiet_third_party_noise()
+    run_dir = Path(cfg.paths.output_dir)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise ConfigurationError(
+            f"ckpt_path={ckpt_path} does not exist. Give the path of a checkpoint written by an earlier run, "
+            f"usually <run directory>/checkpoints/last.ckpt, to resume it."
+        )
+    L.seed_everything(cfg.seed, workers=True)
+    threads = configure_threads(cfg.get("num_threads"))
+
+    datamodule: L.LightningDataModule = instantiate(cfg.data, _convert_="all")
+    model: L.LightningModule = instantiate(cfg.model, _convert_="all")
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = build_trainer(cfg, instantiate_callbacks(cfg.get("callbacks")), logger)
+    announce_outputs(run_dir, trainer)
+
+    metrics: dict[str, Any] = {
+        "status": "running",
+        "dataset": cfg.data.dataset,
+        "model": cfg.model.get("arch"),
+        "params": getattr(model, "num_parameters", None),
+        "precision": str(trainer.precision),
+        "threads": threads,
+        "seed": cfg.seed,
+        "overrides": hydra_overrides(),
+        "run_dir": str(run_dir),
+    }
+    started = time.perf_counter()
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        metrics["train_seconds"] = time.perf_counter() - started
+        metrics.update(_fit_results(trainer))
+        if trainer.interrupted:
+            metrics["status"] = "interrupted"
+        elif cfg.get("test_after_fit", True):
+            best = metrics.get("checkpoint") or None
+            results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+            metrics.update({k: float(v) for k, v in results[0].items()})
+            metrics["status"] = "completed"
+        else:
+            metrics["status"] = "completed"
+    except BaseException as error:  # record why, so nothing is lost and sweeps can report it
+        metrics.setdefault("train_seconds", time.perf_counter() - started)
+        metrics.update(_fit_results(trainer))
+        metrics["status"] = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed"
+        metrics["error"] = f"{type(error).__name__}: {error}"
+        if trainer.is_global_zero:
+            write_json(run_dir / METRICS_FILE, metrics)
+        raise
+    if trainer.is_global_zero:
+        write_json(run_dir / METRICS_FILE, metrics)
+        _report(run_dir, metrics)
+    return metrics
+
+
+def _fit_results(trainer: L.Trainer) -> dict[str, Any]:
+    out: dict[str, Any] = {"epochs": trainer.current_epoch, "global_step": trainer.global_step}
+    timer = _find(trainer, EpochTimer)
+    if timer is not None and timer.epoch_seconds:
+        out["seconds_per_epoch"] = timer.mean_epoch_seconds
+        out["epoch_seconds"] = timer.epoch_seconds
+    checkpoint = _find(trainer, ModelCheckpoint)
+    if checkpoint is not None:
+        if checkpoint.best_model_score is not None:
+            out[f"best_{checkpoint.monitor}"] = float(checkpoint.best_model_score)
+        out["checkpoint"] = checkpoint.best_model_path or None
+        out["last_checkpoint"] = checkpoint.last_model_path or None
+    if trainer.logger is not None and trainer.logger.log_dir:
+        out["tensorboard_dir"] = trainer.logger.log_dir
+    return out
+
+
+def _report(run_dir: Path, metrics: dict[str, Any]) -> None:
+    acc = metrics.get("test/acc")
+    summary = [
+        f"Finished {metrics['epochs']} epoch(s) in {metrics['train_seconds']:.1f} s"
+        + (f" ({metrics['seconds_per_epoch']:.1f} s/epoch)" if metrics.get("seconds_per_epoch") else ""),
+    ]
+    if acc is not None:
+        summary.append(f"Test accuracy:   {acc:.4f} (best checkpoint: {metrics.get('checkpoint')})")
+    summary.append(f"Metrics:         {run_dir / METRICS_FILE}")
+    summary.append(f"View the curves: tensorboard --logdir {run_dir}")
+    log.info("\n" + "\n".join(summary))

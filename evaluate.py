@@ -1,0 +1,23 @@
+"""Evaluate a checkpoint on the test split: overall and per-class accuracy, confusion matrix.
+
+    python evaluate.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt
+    python evaluate.py ckpt_path=... data_root=/elsewhere/data    # dataset moved since training
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from cifar_pl.cli import report_user_errors
+from cifar_pl.evaluation import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@report_user_errors
+def main(cfg: DictConfig) -> float:
+    return evaluate(cfg)["test/acc"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Train a classifier from the Hydra config in conf/train.yaml.
+
+    python train.py                                  # CIFAR-10, improved CNN, 25 epochs
+    python train.py data=synthetic trainer.max_epochs=2
+    python train.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt   # resume
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from cifar_pl.cli import report_user_errors
+from cifar_pl.training import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@report_user_errors
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get("test/acc")
+
+
+if __name__ == "__main__":
+    main()
