@@ -125,12 +125,15 @@ def _fit_results(trainer: L.Trainer) -> dict[str, Any]:
     if timer is not None and timer.epoch_seconds:
         out["seconds_per_epoch"] = timer.mean_epoch_seconds
         out["epoch_seconds"] = timer.epoch_seconds
-    checkpoint = _find(trainer, ModelCheckpoint)
-    if checkpoint is not None:
-        if checkpoint.best_model_score is not None:
-            out[f"best_{checkpoint.monitor}"] = float(checkpoint.best_model_score)
-        out["checkpoint"] = checkpoint.best_model_path or None
-        out["last_checkpoint"] = checkpoint.last_model_path or None
+    for checkpoint in trainer.checkpoint_callbacks:
+        if not isinstance(checkpoint, ModelCheckpoint):
+            continue
+        if checkpoint.monitor is None:  # saves every epoch: its "best" is the latest
+            out["last_checkpoint"] = checkpoint.best_model_path or None
+        else:
+            out["checkpoint"] = checkpoint.best_model_path or None
+            if checkpoint.best_model_score is not None:
+                out[f"best_{checkpoint.monitor}"] = float(checkpoint.best_model_score)
     if trainer.logger is not None and trainer.logger.log_dir:
         out["tensorboard_dir"] = trainer.logger.log_dir
     return out
