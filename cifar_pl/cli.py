@@ -14,6 +14,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_USER_ERROR = 2
 
 
+def _paragraph(message: str) -> str:
+    """Wrap at spaces only: paths and URLs stay whole so they can be copied."""
+    return textwrap.fill(
+        message, width=100, subsequent_indent="       ", break_long_words=False, break_on_hyphens=False
+    )
+
+
 def report_user_errors(task: F) -> F:
     """Run ``task``; a ``UserFacingError`` is printed as one wrapped paragraph on stderr and the process
     exits with status 2. Anything else is a bug and keeps its traceback."""
@@ -23,7 +30,7 @@ def report_user_errors(task: F) -> F:
         try:
             return task(*args, **kwargs)
         except UserFacingError as error:
-            print("\nerror: " + textwrap.fill(str(error), width=100, subsequent_indent="       "), file=sys.stderr)
+            print("\nerror: " + _paragraph(str(error)), file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR) from None
 
     return wrapper  # type: ignore[return-value]

@@ -31,8 +31,8 @@ def _missing_message(title: str, looked_in: Sequence[Path], url: str, root: Path
     return (
         f"{title} is not available: looked in {places}. {problem} "
         f"To fix it, run again with internet access, or download {url} yourself and put it in {root}, "
-        f"or point data.root at a folder that already holds the dataset; "
-        f"to try the pipeline without it, run with data=synthetic."
+        f"or point data.root at a folder that already holds the dataset (to try the pipeline without it, "
+        f"run with data=synthetic)."
     )
 
 
@@ -47,7 +47,7 @@ def download_verified(title: str, url: str, md5: str, root: Path, looked_in: Seq
         reason = "the file arrived corrupted (MD5 mismatch)" if isinstance(error, RuntimeError) else str(error)
         target.unlink(missing_ok=True)  # never leave a partial download to be mistaken for a good one
         raise DatasetError(
-            _missing_message(title, looked_in, url, root, f"Downloading {url} failed: {reason}.")
+            _missing_message(title, looked_in, url, root, f"The download failed: {reason}.")
         ) from None
     return target
 
