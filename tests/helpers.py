@@ -1,0 +1,139 @@
+"""Test helpers: writers for the genuine on-disk dataset formats, config composition, and subprocesses."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+# A small synthetic dataset: enough to train a few real steps in well under a second per epoch.
+TINY_SYNTHETIC = [
+    "data=synthetic",
+    "data.options.train_size=512",
+    "data.options.test_size=256",
+    "data.val_size=128",
+    "data.eval_batch_size=128",
+]
+
+
+# --- genuine on-disk formats -------------------------------------------------------------------------
+
+def cifar_records(count: int, label_bytes: int, num_classes: int, seed: int) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """``count`` CIFAR binary records: ``label_bytes`` label bytes (the last is the class) then 3072
+    channel-major pixels. Returns the bytes, the images ``[N, 3, 32, 32]`` and the class labels."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(count, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, size=count, dtype=np.uint8)
+    records = np.empty((count, label_bytes + 3072), dtype=np.uint8)
+    if label_bytes == 2:
+        records[:, 0] = labels // 5  # coarse label (CIFAR-100 has 20 superclasses of 5)
+    records[:, label_bytes - 1] = labels
+    records[:, label_bytes:] = images.reshape(count, -1)
+    return records.tobytes(), images, labels.astype(np.int64)
+
+
+def write_cifar10(root: Path, per_file: int = 20, test_count: int = 30) -> dict[str, np.ndarray]:
+    """Write ``cifar-10-batches-bin/`` as in the official binary archive; returns what was written."""
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True, exist_ok=True)
+    train_images, train_labels = [], []
+    for i in range(1, 6):
+        raw, images, labels = cifar_records(per_file, 1, 10, seed=i)
+        (folder / f"data_batch_{i}.bin").write_bytes(raw)
+        train_images.append(images)
+        train_labels.append(labels)
+    raw, test_images, test_labels = cifar_records(test_count, 1, 10, seed=99)
+    (folder / "test_batch.bin").write_bytes(raw)
+    (folder / "batches.meta.txt").write_text("airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n\n")
+    return {
+        "train_images": np.concatenate(train_images),
+        "train_labels": np.concatenate(train_labels),
+        "test_images": test_images,
+        "test_labels": test_labels,
+    }
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file of unsigned bytes: magic (0, 0, 0x08, ndim), big-endian int32 dims, then the data."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_fashion_mnist(folder: Path, train: int = 40, test: int = 20, gz: bool = True) -> dict[str, np.ndarray]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for prefix, count in (("train", train), ("t10k", test)):
+        images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=count, dtype=np.uint8)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            data = idx_bytes(array)
+            name = f"{prefix}-{kind}-ubyte"
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (folder / name).write_bytes(data)
+        written[f"{prefix}_images"], written[f"{prefix}_labels"] = images, labels
+    return written
+
+
+# --- configs and runs ----------------------------------------------------------------------------------
+
+def compose_config(tmp_path: Path, overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """Compose a config the way ``train.py`` would, with every path under ``tmp_path``."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.data_dir = str(tmp_path / "data")
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+def run_script(script: str, args: Sequence[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run one of the repository's entry points exactly as a user would, in ``cwd``."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the event files under ``log_dir``, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return scalars
+
+
+class InterruptAtEpoch(L.Callback):
+    """Stands in for Ctrl-C at the start of epoch ``epoch``, after the previous epoch's checkpoint."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from cifar_pl.models import ImprovedCNN, LegacyNet, build_network, count_parameters
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("arch", ["cnn", "legacy"])
+def test_output_shape(arch, channels):
+    net = build_network(arch, in_channels=channels, num_classes=7).eval()
+    assert net(torch.zeros(5, channels, 32, 32)).shape == (5, 7)
+
+
+@pytest.mark.parametrize(
+    "arch, channels, classes, expected",
+    [
+        # conv 3*32*9+32, 32*64*9+64, 64*128*9+128; BN 2*(32+64+128); FC 128*64+64, 64*32+32, 32*10+10
+        ("cnn", 3, 10, 896 + 18_496 + 73_856 + 448 + 8_256 + 2_080 + 330),
+        ("cnn", 1, 10, 320 + 18_496 + 73_856 + 448 + 8_256 + 2_080 + 330),
+        ("cnn", 3, 100, 896 + 18_496 + 73_856 + 448 + 8_256 + 2_080 + 3_300),
+        # conv 3*6*25+6, 6*16*25+16; FC 400*120+120, 120*84+84, 84*10+10
+        ("legacy", 3, 10, 456 + 2_416 + 48_120 + 10_164 + 850),
+        ("legacy", 1, 10, 156 + 2_416 + 48_120 + 10_164 + 850),
+    ],
+)
+def test_parameter_counts(arch, channels, classes, expected):
+    assert count_parameters(build_network(arch, channels, classes)) == expected
+
+
+def test_improved_cnn_is_about_104k_parameters():
+    assert count_parameters(ImprovedCNN()) == 104_362
+
+
+def test_cnn_takes_other_image_sizes_thanks_to_global_pooling():
+    assert ImprovedCNN(1, 10).eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_dropout_is_active_in_training_only():
+    torch.manual_seed(0)
+    net = ImprovedCNN()
+    x = torch.randn(4, 3, 32, 32)
+    net.train()
+    assert not torch.equal(net(x), net(x))
+    net.eval()
+    assert torch.equal(net(x), net(x))
+
+
+def test_legacy_net_has_the_original_layers():
+    net = LegacyNet()
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(c.out_channels, c.kernel_size) for c in convs] == [(6, (5, 5)), (16, (5, 5))]
+    assert [(l.in_features, l.out_features) for l in linears] == [(400, 120), (120, 84), (84, 10)]
+
+
+def test_unknown_network_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="cnn.*legacy"):
+        build_network("resnet", 3, 10)
