@@ -56,12 +56,12 @@ class IndexedImages(Dataset):
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
-        return self.__getitems__([index])
-
-    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.int64)
+    def __getitem__(self, indices: Tensor | Sequence[int] | int) -> tuple[Tensor, Tensor, Tensor]:
+        """A batch for an int64 tensor (or sequence) of sample indices; a batch of one for an int."""
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         return self.images.index_select(0, idx), self.labels.index_select(0, idx), idx
+
+    __getitems__ = __getitem__  # the DataLoader's batched fetch (evaluation loaders)
 
 
 def keep_batch(batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:

@@ -9,12 +9,13 @@ from typing import Any, Callable, Sequence
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from cifar_pl.data.arrays import ImageArrays, IndexedImages, keep_batch
 from cifar_pl.data.augment import BatchTransform
 from cifar_pl.data.cifar import CIFAR10, CIFAR100, CifarSource
 from cifar_pl.data.fashion_mnist import FashionMNISTSource
+from cifar_pl.data.sampling import EpochBatches
 from cifar_pl.data.synthetic import SyntheticSource
 from cifar_pl.errors import ConfigurationError
 
@@ -102,34 +103,37 @@ class ImageDataModule(L.LightningDataModule):
                 f"{arrays.channels} channels; fix data.num_classes / data.channels in the data config."
             )
 
-    def _loader(self, dataset: IndexedImages | None, batch_size: int, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: IndexedImages | None, **kwargs: Any) -> DataLoader:
         if dataset is None:
             raise RuntimeError("ImageDataModule.setup() must run before asking for a DataLoader")
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
-            batch_size=batch_size,
             collate_fn=keep_batch,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            # an explicit generator: creating an iterator then draws nothing from the global RNG, which
+            # stays reserved for the model (dropout), as in a parameter-server worker
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             **kwargs,
         )
 
+    def train_batches(self, num_replicas: int = 1, rank: int = 0) -> EpochBatches:
+        """The training batches of every epoch, as sample indices (see ``EpochBatches``)."""
+        return EpochBatches(self.train_set, self.hparams.batch_size, num_replicas, rank, seed=self.hparams.seed)
+
     def train_dataloader(self) -> DataLoader:
-        # A DistributedSampler even on one process: its order is a pure function of (seed, epoch), so a
-        # resumed run replays the same order, and under DDP each rank takes its own share.
+        # The order is a pure function of (seed, epoch): a resumed run replays it, and under DDP each rank
+        # takes its own share of every epoch.
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = DistributedSampler(
-            self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed
-        )
-        return self._loader(self.train_set, self.hparams.batch_size, sampler=sampler)
+        return self._loader(self.train_set, batch_size=None, sampler=self.train_batches(world, rank))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.hparams.eval_batch_size, shuffle=False)
+        return self._loader(self.val_set, batch_size=self.hparams.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.hparams.eval_batch_size, shuffle=False)
+        return self._loader(self.test_set, batch_size=self.hparams.eval_batch_size, shuffle=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 3):

@@ -1,0 +1,45 @@
+"""Which samples each training batch holds: a fresh permutation every epoch, a pure function of
+(seed, epoch), cut into batches of sample indices.
+
+The same batches feed every strategy: the single-process and DDP DataLoaders (each DDP rank takes its
+share, as with ``DistributedSampler``) and the parameter server, which hands them out to its workers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sized
+
+import torch
+from torch import Tensor
+from torch.utils.data import DistributedSampler
+
+
+class EpochBatches(DistributedSampler):
+    """Yields int64 tensors of sample indices, one per batch; ``set_epoch`` picks the permutation.
+
+    It is a ``DistributedSampler`` so that Lightning neither wraps it under DDP nor forgets to call
+    ``set_epoch``; a DataLoader uses it with ``batch_size=None``, so a batch is fetched with one tensor
+    index and no per-sample Python.
+    """
+
+    def __init__(self, dataset: Sized, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.batch_size = batch_size
+
+    def permutation(self, epoch: int) -> Tensor:
+        """This rank's samples for ``epoch``, in order (the same order ``DistributedSampler`` gives)."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.dataset), generator=generator)
+        if self.total_size > len(order):  # pad so that every rank gets as many samples, as DistributedSampler does
+            order = torch.cat([order, order[: self.total_size - len(order)]])
+        return order[self.rank : self.total_size : self.num_replicas]
+
+    def batches(self, epoch: int) -> list[Tensor]:
+        return list(torch.split(self.permutation(epoch), self.batch_size))
+
+    def __iter__(self) -> Iterator[Tensor]:  # type: ignore[override]
+        return iter(self.batches(self.epoch))
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
