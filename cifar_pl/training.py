@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.model_summary import summarize
 from omegaconf import DictConfig
 
 from cifar_pl.callbacks import EpochTimer
@@ -78,6 +79,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model: L.LightningModule = instantiate(cfg.model, _convert_="all")
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = build_trainer(cfg, instantiate_callbacks(cfg.get("callbacks")), logger)
+    if trainer.is_global_zero:
+        log.info("\n%s", summarize(model, max_depth=2))
     announce_outputs(run_dir, trainer)
 
     metrics: dict[str, Any] = {
