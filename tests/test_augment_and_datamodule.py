@@ -158,3 +158,32 @@ def test_val_size_larger_than_the_training_split_is_refused():
 
     with pytest.raises(ConfigurationError, match="val_size=500"):
         _datamodule(val_size=500).setup()
+
+
+def test_epoch_batches_follow_distributed_sampler_order():
+    from torch.utils.data import DistributedSampler
+
+    from cifar_pl.data.sampling import EpochBatches
+
+    data = list(range(103))
+    batches = EpochBatches(data, batch_size=10, seed=7)
+    reference = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
+    for epoch in (0, 3):
+        batches.set_epoch(epoch)
+        reference.set_epoch(epoch)
+        got = list(batches)
+        assert [len(b) for b in got] == [10] * 10 + [3] and all(b.dtype == torch.int64 for b in got)
+        assert torch.cat(got).tolist() == list(reference)
+    batches.set_epoch(0)
+    first = torch.cat(list(batches))
+    batches.set_epoch(1)
+    assert not torch.equal(first, torch.cat(list(batches)))
+
+
+def test_epoch_batches_split_an_epoch_between_ranks():
+    from cifar_pl.data.sampling import EpochBatches
+
+    data = list(range(100))
+    shares = [torch.cat(list(EpochBatches(data, batch_size=8, num_replicas=4, rank=r, seed=1))) for r in range(4)]
+    assert all(len(s) == 25 for s in shares)
+    assert sorted(torch.cat(shares).tolist()) == data  # disjoint, and together every sample once

@@ -41,7 +41,7 @@ def test_train_writes_metrics_json(trained_run):
 def test_train_logs_scalars_to_tensorboard(trained_run):
     _, run_dir, _ = trained_run
     scalars = tensorboard_scalars(run_dir / "tensorboard")
-    for tag in ("train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc", "test/acc",
+    for tag in ("train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "test/acc",
                 "test/loss", "train/lr", "time/epoch_seconds"):
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
     lr_by_step = dict(scalars["train/lr"])  # logged every batch, but it changes once per optimizer step
