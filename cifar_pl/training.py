@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.model_summary import summarize
 from omegaconf import DictConfig
@@ -49,6 +49,9 @@ def _find(trainer: L.Trainer, kind: type) -> Any:
 
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], logger: Logger | bool) -> L.Trainer:
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.get("accelerator", "auto"))
+    if not cfg.trainer.get("enable_progress_bar", True):
+        # trainer.enable_progress_bar=false alone switches the bar off (Lightning refuses the pair otherwise)
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, precision=precision)
 
 
