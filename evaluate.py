@@ -9,12 +9,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from cifar_pl.cli import report_user_errors
+from cifar_pl.cli import handle_errors
 from cifar_pl.evaluation import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-@report_user_errors
+@handle_errors
 def main(cfg: DictConfig) -> float:
     return evaluate(cfg)["test/acc"]
 

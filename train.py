@@ -10,12 +10,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from cifar_pl.cli import report_user_errors
+from cifar_pl.cli import handle_errors
 from cifar_pl.training import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-@report_user_errors
+@handle_errors
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     return metrics.get("test/acc")

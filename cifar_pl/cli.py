@@ -1,14 +1,20 @@
-"""Shared plumbing for the entry points: user errors as one paragraph, not a traceback."""
+"""Shared plumbing for the entry points: user errors as one paragraph, not a traceback, and in a sweep,
+a failing job recorded rather than fatal to the jobs after it."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import textwrap
 from typing import Any, Callable, TypeVar
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 from cifar_pl.errors import UserFacingError
 
+log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_USER_ERROR = 2
@@ -21,16 +27,35 @@ def _paragraph(message: str) -> str:
     )
 
 
-def report_user_errors(task: F) -> F:
-    """Run ``task``; a ``UserFacingError`` is printed as one wrapped paragraph on stderr and the process
-    exits with status 2. Anything else is a bug and keeps its traceback."""
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def handle_errors(task: F) -> F:
+    """Run a Hydra task function.
+
+    Single run: a ``UserFacingError`` is printed as one wrapped paragraph on stderr and the process exits
+    with status 2; anything else is a bug and keeps its traceback.
+
+    Multirun: the error goes to the job's log (its ``metrics.json`` already records it) and the task
+    returns, so the remaining jobs still run and the sweep summary reports this one as failed. (Hydra's
+    own handling would abort the summary, and ``SystemExit`` would abort the sweep.)
+    """
 
     @functools.wraps(task)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return task(*args, **kwargs)
         except UserFacingError as error:
+            if in_multirun():
+                log.error("job failed: %s", error)
+                return None
             print("\nerror: " + _paragraph(str(error)), file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR) from None
+        except Exception as error:
+            if not in_multirun():
+                raise
+            log.exception("job failed: %s: %s", type(error).__name__, error)
+            return None
 
     return wrapper  # type: ignore[return-value]
