@@ -37,7 +37,8 @@ class ImageClassifier(L.LightningModule):
         final_div_factor: float = 1e4,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # kept in checkpoints; the logger gets the whole run config instead (see training.log_hparams)
+        self.save_hyperparameters(logger=False)
         self.net = build_network(arch, in_channels, num_classes, dropout=dropout)
         # lets the model summary show input/output shapes and FLOPs; every dataset is fed at 32x32
         self.example_input_array = torch.zeros(2, in_channels, 32, 32)

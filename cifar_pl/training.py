@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.model_summary import summarize
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cifar_pl.callbacks import EpochTimer
 from cifar_pl.errors import ConfigurationError
@@ -121,8 +121,39 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
     if trainer.is_global_zero:
         write_json(run_dir / METRICS_FILE, metrics)
+        log_hparams(trainer, cfg, metrics)
         _report(run_dir, metrics)
     return metrics
+
+
+HPARAM_GROUPS = ("data", "model", "trainer", "strategy")
+FINAL_METRICS = ("test/acc", "test/loss", "best_val/acc", "train_seconds", "seconds_per_epoch")
+
+
+def hparams_of(cfg: DictConfig) -> dict[str, Any]:
+    """The run's settings as flat scalars for TensorBoard's HParams view (lists become strings)."""
+    flat: dict[str, Any] = {"seed": cfg.seed}
+
+    def visit(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not str(key).startswith("_"):
+                    visit(f"{prefix}.{key}", value)
+        elif node is not None:
+            flat[prefix] = node if isinstance(node, (bool, int, float, str)) else str(node)
+
+    for group in HPARAM_GROUPS:
+        if cfg.get(group) is not None:
+            visit(group, OmegaConf.to_container(cfg[group], resolve=True))
+    return flat
+
+
+def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    """One HParams entry per run: its settings and final metrics, so TensorBoard compares a sweep's jobs."""
+    final = {f"hparams/{k.replace('/', '_')}": float(metrics[k]) for k in FINAL_METRICS if isinstance(metrics.get(k), (int, float))}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hparams_of(cfg), metrics=final)
+        logger.save()
 
 
 def _fit_results(trainer: L.Trainer) -> dict[str, Any]:

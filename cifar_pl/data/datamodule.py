@@ -58,7 +58,8 @@ class ImageDataModule(L.LightningDataModule):
         if dataset not in SOURCES:
             raise ConfigurationError(f"unknown dataset {dataset!r}: data.dataset must be one of {sorted(SOURCES)}")
         mean, std, options = [float(m) for m in mean], [float(s) for s in std], dict(options or {})
-        self.save_hyperparameters()
+        # kept in checkpoints; the logger gets the whole run config instead (see training.log_hparams)
+        self.save_hyperparameters(logger=False)
         self.source = SOURCES[dataset](**options)
         self.transform = BatchTransform(
             mean, std, padding=crop_padding if augment else 0, flip=flip and augment, seed=seed
