@@ -137,3 +137,25 @@ class InterruptAtEpoch(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == self.epoch:
             raise KeyboardInterrupt
+
+
+def tensorboard_hparams(log_dir: Path) -> list[dict[str, object]]:
+    """The HParams sessions in the event files under ``log_dir`` (TensorBoard's own reader and protos):
+    one dict of hyperparameter values per session."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    sessions = []
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        try:
+            contents = acc.PluginTagToContent("hparams").values()
+        except KeyError:  # a file without HParams, e.g. the test phase's
+            continue
+        for content in contents:
+            data = plugin_data_pb2.HParamsPluginData.FromString(content)
+            if data.HasField("session_start_info"):
+                hparams = data.session_start_info.hparams
+                sessions.append({k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in hparams.items()})
+    return sessions
