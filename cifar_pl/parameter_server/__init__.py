@@ -1,0 +1,1 @@
+"""A socket parameter server for data-parallel training, written as a Lightning Strategy."""

@@ -1,0 +1,491 @@
+"""The parameter server's wire protocol: framing, messages, tensors, handshake and model signatures.
+
+A frame is a 16-byte header, ``HEADER`` = magic ``CFPS`` | protocol version (u8) | message type (u8) |
+flags (u16, always 0) | payload length (u64), all big-endian, followed by the payload:
+``meta_len`` (u32, big-endian) | ``meta_len`` bytes of UTF-8 JSON object | raw tensor bytes. The JSON
+lists the tensors as ``"tensors": [{"dtype": ..., "shape": [...]}, ...]``; their bytes follow in that
+order, C-contiguous, in little-endian byte order.
+
+Security rules: nothing read from a socket is unpickled, ``torch.load``-ed or evaluated; only JSON and
+raw bytes of a few plain dtypes are accepted. The payload length is checked against the caller's cap
+right after the header arrives, before anything is allocated, and every read and write has a deadline.
+Any ``ProtocolError`` leaves the stream at an unknown position: close the connection. The optional
+shared secret authenticates both ends (HMAC-SHA256 over fresh nonces, the secret never travels); it
+does not encrypt or protect the messages that follow, so run on a trusted network.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import math
+import os
+import secrets
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+if sys.byteorder != "little":  # tensors travel in native order, which must be the wire's little-endian
+    raise ImportError("the parameter-server protocol needs a little-endian machine")
+
+PROTOCOL_VERSION = 1
+MAGIC = b"CFPS"
+HEADER = struct.Struct(">4sBBHQ")  # magic, protocol version, message type, flags (must be 0), payload length
+DEFAULT_MAX_FRAME = 256 * 1024 * 1024  # bytes of payload; callers pass their own cap
+MAX_META = 64 * 1024  # bytes of JSON metadata inside a payload
+MAX_TENSORS = 64
+MAX_DIMS = 8
+ALLOWED_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in ALLOWED_DTYPES.items()}
+_META_LEN = struct.Struct(">I")
+_ALIGN = 8  # meta JSON is padded with spaces so that tensor data starts 8-byte aligned in the payload
+NONCE_BYTES = 32
+SECRET_ENV = "CIFAR_PL_PS_SECRET"
+
+
+class MessageType(enum.IntEnum):
+    HELLO = 1
+    CHALLENGE = 2
+    AUTH = 3
+    WELCOME = 4
+    REJECT = 5
+    PARAMS = 6
+    ASSIGN = 7
+    GRADS = 8
+    DONE = 9
+    ERROR = 10
+
+
+@dataclass
+class Message:
+    type: MessageType
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable, str keys
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol, went away or was too slow; the connection cannot be used further."""
+
+
+class FrameTooLarge(ProtocolError):
+    """The header announced a payload above the receiver's cap."""
+
+
+class BadFrame(ProtocolError):
+    """Bad magic, flags or message type, or a malformed payload, meta or tensor descriptor."""
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another protocol version."""
+
+    def __init__(self, peer_version: int, our_version: int = PROTOCOL_VERSION) -> None:
+        super().__init__(peer_version, our_version)  # plain args, so the error pickles
+        self.peer_version = peer_version
+        self.our_version = our_version
+
+    def __str__(self) -> str:
+        return f"peer speaks protocol {self.peer_version}, this side speaks {self.our_version}"
+
+
+class PeerClosed(ProtocolError):
+    """The connection ended, possibly in the middle of a frame."""
+
+
+class ReadTimeout(ProtocolError):
+    """A read did not complete before its deadline."""
+
+
+class WriteTimeout(ProtocolError):
+    """A send did not complete before its deadline (the peer stopped reading)."""
+
+
+class AuthenticationError(ProtocolError):
+    """One side could not prove it knows the shared secret, or only one side has one."""
+
+
+class SignatureMismatch(ProtocolError):
+    """The worker's model differs from the server's (parameter names, shapes or dtypes)."""
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """Peer-supplied text made safe for a log line: no control characters, bounded length."""
+    clipped = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return clipped + ("..." if len(text) > limit else "")
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a flat byte view: no copy when it is already on the CPU and contiguous."""
+    if not isinstance(tensor, torch.Tensor) or tensor.layout is not torch.strided:
+        raise ValueError(f"only dense tensors can be sent, got {type(tensor).__name__}")
+    if tensor.dtype not in _DTYPE_NAMES:
+        raise ValueError(f"tensor dtype {tensor.dtype} cannot be sent; allowed: {', '.join(ALLOWED_DTYPES)}")
+    if tensor.dim() > MAX_DIMS:
+        raise ValueError(f"a tensor with {tensor.dim()} dimensions cannot be sent (at most {MAX_DIMS})")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())  # the array keeps the tensor alive
+
+
+def encode(message: Message) -> list[bytes | memoryview]:
+    """The frame as parts for a gather write: header and meta as bytes, then one view per tensor."""
+    if "tensors" in message.meta:
+        raise ValueError('meta must not use the key "tensors": the encoder writes the tensor list there')
+    if len(message.tensors) > MAX_TENSORS:
+        raise ValueError(f"{len(message.tensors)} tensors in one message, at most {MAX_TENSORS} allowed")
+    views = [_tensor_bytes(t) for t in message.tensors]
+    descriptors = [{"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for t in message.tensors]
+    meta = json.dumps({**message.meta, "tensors": descriptors}, separators=(",", ":")).encode()
+    meta += b" " * (-(_META_LEN.size + len(meta)) % _ALIGN)
+    if len(meta) > MAX_META:
+        raise ValueError(f"meta is {len(meta)} bytes of JSON, the peer accepts at most {MAX_META}")
+    length = _META_LEN.size + len(meta) + sum(v.nbytes for v in views)
+    header = HEADER.pack(MAGIC, PROTOCOL_VERSION, MessageType(message.type), 0, length)
+    return [header + _META_LEN.pack(len(meta)) + meta, *views]
+
+
+def _parse_header(header: bytes | bytearray) -> tuple[MessageType, int]:
+    """Validate the fixed header; returns the message type and the announced payload length."""
+    if len(header) != HEADER.size:
+        raise BadFrame(f"a header is {HEADER.size} bytes, got {len(header)}")
+    magic, version, type_code, flags, length = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise BadFrame(f"bad magic {magic!r} (expected {MAGIC!r}): the peer does not speak this protocol")
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(version)
+    if flags != 0:
+        raise BadFrame(f"header flags must be 0, got {flags:#06x}")
+    try:
+        return MessageType(type_code), length
+    except ValueError:
+        raise BadFrame(f"unknown message type {type_code}") from None
+
+
+def _is_dim(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _descriptors(meta: dict[str, Any]) -> list[tuple[torch.dtype, list[int]]]:
+    """The tensor descriptors of a decoded meta, checked one by one."""
+    listed = meta.pop("tensors", None)
+    if not isinstance(listed, list):
+        raise BadFrame('meta must hold a "tensors" list')
+    if len(listed) > MAX_TENSORS:
+        raise BadFrame(f"{len(listed)} tensors announced, at most {MAX_TENSORS} allowed")
+    result = []
+    for index, desc in enumerate(listed):
+        if not isinstance(desc, dict) or set(desc) != {"dtype", "shape"}:
+            raise BadFrame(f'tensor {index}: a descriptor is an object with exactly "dtype" and "shape"')
+        dtype, shape = desc["dtype"], desc["shape"]
+        if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+            raise BadFrame(f"tensor {index}: dtype {_printable(repr(dtype), 40)} is not allowed")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_dim(d) for d in shape):
+            raise BadFrame(f"tensor {index}: shape must be a list of at most {MAX_DIMS} non-negative ints")
+        if math.prod(max(d, 1) for d in shape) >= 2**62:
+            raise BadFrame(f"tensor {index}: shape {shape} is too large to index")
+        result.append((ALLOWED_DTYPES[dtype], shape))
+    return result
+
+
+def decode(header: bytes | bytearray, payload: bytearray) -> Message:
+    """Rebuild a message from a received frame; every malformation is a ``ProtocolError``."""
+    message_type, length = _parse_header(header)
+    if not isinstance(payload, bytearray):  # tensors are views on it, so it must be writable
+        payload = bytearray(payload)
+    if len(payload) != length:
+        raise BadFrame(f"the header announced {length} payload bytes, got {len(payload)}")
+    if length < _META_LEN.size:
+        raise BadFrame(f"a payload is at least {_META_LEN.size} bytes, got {length}")
+    (meta_len,) = _META_LEN.unpack_from(payload)
+    if meta_len > MAX_META or meta_len > length - _META_LEN.size:
+        raise BadFrame(f"meta length {meta_len} exceeds the cap {MAX_META} or the payload")
+    offset = _META_LEN.size + meta_len
+    try:
+        meta = json.loads(payload[_META_LEN.size : offset].decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # bad UTF-8 and bad JSON are ValueErrors
+        raise BadFrame(f"meta is not valid UTF-8 JSON: {error}") from None
+    if not isinstance(meta, dict):
+        raise BadFrame(f"meta must be a JSON object, got {type(meta).__name__}")
+    descriptors = _descriptors(meta)
+    sizes = [math.prod(shape) * dtype.itemsize for dtype, shape in descriptors]
+    if sum(sizes) != length - offset:
+        raise BadFrame(f"the tensors need {sum(sizes)} bytes, the payload carries {length - offset}")
+    tensors = []
+    for (dtype, shape), size in zip(descriptors, sizes):
+        if size == 0:
+            tensors.append(torch.empty(shape, dtype=dtype))
+        else:
+            flat = torch.frombuffer(payload, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+            tensors.append(flat.reshape(shape))
+        offset += size
+    return Message(message_type, meta, tensors)
+
+
+def _set_deadline(sock: socket.socket, deadline: float, error: type[ProtocolError], what: str) -> None:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:  # settimeout(0) would make the socket non-blocking instead
+        raise error(what)
+    sock.settimeout(remaining)
+
+
+def send_message(sock: socket.socket, message: Message, timeout: float) -> None:
+    """Send one frame with a gather write; the whole send must finish within ``timeout`` seconds."""
+    views = [memoryview(part) for part in encode(message)]
+    total, kind = sum(v.nbytes for v in views), MessageType(message.type).name
+    deadline = time.monotonic() + timeout
+    previous = sock.gettimeout()
+    what = f"sending {kind} did not finish within {timeout} s: the peer stopped reading"
+    try:
+        while views:
+            _set_deadline(sock, deadline, WriteTimeout, what)
+            try:
+                sent = sock.sendmsg(views) if hasattr(sock, "sendmsg") else sock.send(views[0])
+            except TimeoutError:
+                raise WriteTimeout(what) from None
+            except ConnectionError as error:
+                raise PeerClosed(f"the peer closed the connection while {kind} was sent "
+                                 f"({total} bytes): {error}") from None
+            while views and sent >= views[0].nbytes:
+                sent -= views.pop(0).nbytes
+            if views:
+                views[0] = views[0][sent:]
+    finally:
+        sock.settimeout(previous)
+
+
+def _fill(sock: socket.socket, view: memoryview, deadline: float, part: str, timeout: float) -> None:
+    """Read exactly ``len(view)`` bytes into ``view`` before ``deadline``."""
+    got = 0
+    while got < len(view):
+        missing = f"{len(view) - got} of {len(view)} bytes of the {part} missing"
+        late = f"the peer sent part of a message, then nothing for {timeout} s ({missing})"
+        _set_deadline(sock, deadline, ReadTimeout, late)
+        try:
+            count = sock.recv_into(view[got:])
+        except TimeoutError:
+            raise ReadTimeout(late) from None
+        except ConnectionError as error:
+            raise PeerClosed(f"the connection broke in the middle of a message ({missing}): {error}") from None
+        if count == 0:
+            raise PeerClosed(f"the peer closed the connection in the middle of a message ({missing})")
+        got += count
+
+
+def recv_message(sock: socket.socket, max_frame: int, timeout: float, idle_timeout: float | None = None) -> Message:
+    """Read one frame: wait up to ``idle_timeout`` (default ``timeout``) for its first byte, then the
+    rest must arrive within ``timeout`` seconds, so a peer that stalls mid-frame is cut off."""
+    header = bytearray(HEADER.size)
+    view = memoryview(header)
+    wait = timeout if idle_timeout is None else idle_timeout
+    previous = sock.gettimeout()
+    try:
+        _set_deadline(sock, time.monotonic() + wait, ReadTimeout, "no time given to wait for a message")
+        try:
+            first = sock.recv_into(view[:1])
+        except TimeoutError:
+            raise ReadTimeout(f"no message arrived within {wait} s") from None
+        except ConnectionError as error:
+            raise PeerClosed(f"the connection broke: {error}") from None
+        if first == 0:
+            raise PeerClosed("the peer closed the connection")
+        deadline = time.monotonic() + timeout
+        _fill(sock, view[1:], deadline, "header", timeout)
+        _, length = _parse_header(header)
+        if length > max_frame:
+            raise FrameTooLarge(f"the peer announced a {length}-byte payload, above the cap of {max_frame} bytes")
+        payload = bytearray(length)
+        _fill(sock, memoryview(payload), deadline, "payload", timeout)
+    finally:
+        sock.settimeout(previous)
+    return decode(header, payload)
+
+
+def load_secret(secret_file: str | None = None, env: Mapping[str, str] = os.environ) -> bytes | None:
+    """The shared secret from ``secret_file`` if given, else from ``$CIFAR_PL_PS_SECRET``, else None.
+    Surrounding whitespace is dropped from both, so a file and the variable holding the same text agree."""
+    if secret_file is not None:
+        try:
+            with open(secret_file, "rb") as handle:
+                secret = handle.read().strip()
+        except OSError as error:
+            raise type(error)(error.errno, f"cannot read the shared-secret file ({error.strerror})",
+                              secret_file) from error
+        where = f"file {secret_file}"
+    elif SECRET_ENV in env:
+        secret, where = env[SECRET_ENV].strip().encode("utf-8"), f"${SECRET_ENV}"
+    else:
+        return None
+    if not secret:
+        raise ValueError(f"empty secret in {where}: put the shared secret there, or leave it unset")
+    return secret
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def auth_tag(secret: bytes, role: str, first: bytes, second: bytes) -> bytes:
+    """HMAC over both nonces; the role keeps a worker's tag from being replayed as the server's."""
+    return hmac.new(secret, role.encode() + b"\0" + first + second, hashlib.sha256).digest()
+
+
+def check_tag(expected: bytes, got: bytes) -> bool:
+    return hmac.compare_digest(expected, got)
+
+
+def _hex_field(meta: dict[str, Any], key: str, size: int, error: type[ProtocolError]) -> bytes:
+    """A hex field from the peer, validated: ``error`` instead of ValueError/KeyError/TypeError."""
+    value = meta.get(key)
+    try:
+        raw = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != size:
+        raise error(f'"{key}" must be {size} bytes as hex, got {_printable(repr(value), 80)}')
+    return raw
+
+
+def _reject(sock: socket.socket, reason: str, timeout: float) -> None:
+    """Tell the peer why it is refused; best effort, since the caller raises its own error next."""
+    with suppress(ProtocolError, OSError):
+        send_message(sock, Message(MessageType.REJECT, {"reason": reason}), timeout)
+
+
+def _rejected(meta: dict[str, Any]) -> ProtocolError:
+    reason = meta.get("reason")
+    reason = _printable(reason) if isinstance(reason, str) else "no reason given"
+    text = f"the parameter server refused this worker: {reason}"
+    if reason.startswith("authentication"):
+        return AuthenticationError(text)
+    return SignatureMismatch(text) if reason.startswith("signature") else ProtocolError(text)
+
+
+def client_handshake(sock: socket.socket, hello: dict, secret: bytes | None, timeout: float, max_frame: int) -> dict:
+    """The worker's side: HELLO, answer a CHALLENGE, then check that WELCOME proves the server knows the
+    secret too. A worker with a secret refuses a server without one. Returns WELCOME's meta."""
+    client_nonce = new_nonce()
+    send_message(sock, Message(MessageType.HELLO, {**hello, "protocol": PROTOCOL_VERSION,
+                                                   "nonce": client_nonce.hex()}), timeout)
+    reply = recv_message(sock, max_frame, timeout)
+    server_nonce = None
+    if reply.type is MessageType.CHALLENGE:
+        if secret is None:
+            raise AuthenticationError(
+                f"the server requires a shared secret; set {SECRET_ENV} or strategy.secret_file")
+        server_nonce = _hex_field(reply.meta, "nonce", NONCE_BYTES, BadFrame)
+        mac = auth_tag(secret, "worker", server_nonce, client_nonce)
+        send_message(sock, Message(MessageType.AUTH, {"mac": mac.hex()}), timeout)
+        reply = recv_message(sock, max_frame, timeout)
+    if reply.type is MessageType.REJECT:
+        raise _rejected(reply.meta)
+    if reply.type is not MessageType.WELCOME:
+        raise BadFrame(f"expected WELCOME from the server, got {reply.type.name}")
+    if secret is not None:
+        if server_nonce is None:
+            raise AuthenticationError("this worker has a shared secret but the server did not ask for it: "
+                                      "refusing an unauthenticated server")
+        mac = _hex_field(reply.meta, "mac", hashlib.sha256().digest_size, AuthenticationError)
+        if not check_tag(auth_tag(secret, "server", client_nonce, server_nonce), mac):
+            raise AuthenticationError("the server could not prove it knows the shared secret")
+    reply.meta.pop("mac", None)
+    return reply.meta
+
+
+def _authenticate(sock: socket.socket, secret: bytes, client_nonce: bytes, timeout: float, max_frame: int) -> bytes:
+    """CHALLENGE the worker and check its AUTH; returns the server nonce for the WELCOME tag."""
+    server_nonce = new_nonce()
+    send_message(sock, Message(MessageType.CHALLENGE, {"nonce": server_nonce.hex()}), timeout)
+    reply = recv_message(sock, max_frame, timeout)
+    try:
+        if reply.type is not MessageType.AUTH:
+            raise AuthenticationError(f"expected AUTH, got {reply.type.name}")
+        mac = _hex_field(reply.meta, "mac", hashlib.sha256().digest_size, AuthenticationError)
+        if not check_tag(auth_tag(secret, "worker", server_nonce, client_nonce), mac):
+            raise AuthenticationError("the worker's tag does not match: it does not know the shared secret")
+    except AuthenticationError:
+        _reject(sock, "authentication failed", timeout)
+        raise
+    return server_nonce
+
+
+def server_handshake(sock: socket.socket, secret: bytes | None, timeout: float, max_frame: int,
+                     check_hello: Callable[[dict], str | None], welcome: dict) -> dict:
+    """The server's side: read HELLO, authenticate the worker when there is a secret, let
+    ``check_hello`` veto it, then WELCOME it (with the server's own tag). Returns HELLO's meta."""
+    try:
+        hello = recv_message(sock, max_frame, timeout)
+    except VersionMismatch as error:
+        _reject(sock, str(error), timeout)
+        raise
+    if hello.type is not MessageType.HELLO:
+        _reject(sock, "expected HELLO", timeout)
+        raise BadFrame(f"expected HELLO from the worker, got {hello.type.name}")
+    try:
+        client_nonce = _hex_field(hello.meta, "nonce", NONCE_BYTES, BadFrame)
+    except BadFrame as error:
+        _reject(sock, f"malformed HELLO: {error}", timeout)
+        raise
+    answer = dict(welcome)
+    if secret is not None:
+        server_nonce = _authenticate(sock, secret, client_nonce, timeout, max_frame)
+        answer["mac"] = auth_tag(secret, "server", client_nonce, server_nonce).hex()
+    reason = check_hello(hello.meta)
+    if reason is not None:
+        _reject(sock, reason, timeout)
+        raise SignatureMismatch(reason) if reason.startswith("signature") else ProtocolError(reason)
+    send_message(sock, Message(MessageType.WELCOME, answer), timeout)
+    return hello.meta
+
+
+def model_signature(module: torch.nn.Module) -> list[list]:
+    """What must match between server and workers: names, shapes and dtypes of the parameters, then of
+    the buffers that are saved with the model (BatchNorm statistics), in order."""
+    persistent = module.state_dict(keep_vars=True).keys()
+    named = [*module.named_parameters(), *((n, b) for n, b in module.named_buffers() if n in persistent)]
+    return [[name, list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in named]
+
+
+def _valid_signature(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[2], str)
+        and isinstance(entry[1], list) and all(_is_dim(d) for d in entry[1])
+        for entry in value)
+
+
+def signature_mismatch(ours: list, theirs: Any) -> str | None:
+    """None when the peer's signature equals ours, else one line naming the first difference. Starts
+    with "signature" so that a server can pass it to the worker as a REJECT reason."""
+    if not _valid_signature(theirs):
+        return "signature mismatch: not a valid signature from the peer (expected [[name, shape, dtype], ...])"
+    our_names = {entry[0] for entry in ours}
+    their_names = {entry[0] for entry in theirs}
+    for (name, shape, dtype), (their_name, their_shape, their_dtype) in zip(ours, theirs):
+        if name != their_name:
+            if name not in their_names:
+                return f"signature mismatch: {_printable(name)} is missing from the peer's model"
+            if their_name not in our_names:
+                return f"signature mismatch: the peer's model has an extra entry {_printable(their_name)}"
+            return f"signature mismatch: entries in another order (here {name}, on the peer {_printable(their_name)})"
+        if list(shape) != their_shape:
+            return f"signature mismatch: {name} has shape {list(shape)} here, {their_shape} on the peer"
+        if dtype != their_dtype:
+            return f"signature mismatch: {name} has dtype {dtype} here, {_printable(their_dtype, 40)} on the peer"
+    if len(ours) > len(theirs):
+        return f"signature mismatch: {ours[len(theirs)][0]} is missing from the peer's model"
+    if len(theirs) > len(ours):
+        return f"signature mismatch: the peer's model has an extra entry {_printable(theirs[len(ours)][0])}"
+    return None
