@@ -1,0 +1,413 @@
+"""The parameter server: admits workers, hands each round's micro-batches to them, and averages their
+gradients into the central model.
+
+Threads: one accepts connections (at most ``max_pending`` handshakes at once, each bounded by a timeout),
+one per worker reads its frames into a single inbox, and the caller's thread (the Lightning training loop)
+runs the rounds. A round is complete only when every one of its micro-batches has an accepted gradient:
+the micro-batches of a worker that leaves, fails or stops answering are handed to the others within the
+same round, so each epoch uses every sample exactly once whatever happens to the workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from cifar_pl.parameter_server import protocol as wire
+from cifar_pl.parameter_server.accounting import SampleAccounting
+from cifar_pl.parameter_server.packing import FlatState
+from cifar_pl.parameter_server.protocol import Message, MessageType
+
+log = logging.getLogger(__name__)
+
+
+class NoWorkersError(RuntimeError):
+    """No worker is connected and none joined in time: the round cannot be computed."""
+
+
+@dataclass
+class ServerSettings:
+    address: str = "127.0.0.1:0"
+    secret: bytes | None = None
+    round_timeout: float = 120.0  # an assignment must be answered within this, or its worker is dropped
+    worker_wait: float = 120.0  # how long a round waits for a worker when none is left
+    handshake_timeout: float = 10.0
+    frame_timeout: float = 30.0  # once a frame has started, all of it must arrive within this
+    max_frame: int = 256 * 1024 * 1024
+    max_pending: int = 16  # concurrent connections still in their handshake
+    max_strikes: int = 3  # rejected contributions before a worker is disconnected
+
+
+def parse_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``HOST:PORT`` (or ``:PORT``, or ``[v6]:PORT``) as a (host, port) pair."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"address {address!r} is not HOST:PORT")
+    return (host.strip("[]") or default_host), int(port)
+
+
+@dataclass
+class Connection:
+    id: int
+    name: str
+    sock: socket.socket
+    peer: str
+    version: int = -1  # the parameter version this worker holds
+    alive: bool = True
+    strikes: int = 0
+    reader: threading.Thread | None = None
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, message: Message, timeout: float) -> None:
+        with self.send_lock:
+            wire.send_message(self.sock, message, timeout)
+
+    def close(self) -> None:
+        self.alive = False
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+@dataclass
+class Assignment:
+    id: int
+    worker: Connection
+    micro_batches: list[int]  # positions in the round's list of micro-batches
+    deadline: float
+
+
+@dataclass
+class RoundResult:
+    gradient: Tensor  # flat, the sample-weighted average of the workers' gradients
+    samples: int
+    loss_sum: float
+    correct: int
+    workers: list[str]
+    reassigned_samples: int
+    timings: dict[str, float]
+
+
+class ParameterServer:
+    """Serves one central module to any number of workers over TCP."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        settings: ServerSettings,
+        check_hello: Callable[[dict[str, Any]], str | None],
+        accounting: SampleAccounting,
+    ) -> None:
+        self.module = module
+        self.settings = settings
+        self.flat = FlatState(module)
+        self.check_hello = check_hello
+        self.accounting = accounting
+        self.events: list[dict[str, Any]] = []
+        self.contributions: collections.Counter[str] = collections.Counter()  # rounds each worker computed for
+        self._inbox: queue.Queue[tuple[Connection, Message | BaseException]] = queue.Queue()
+        self._lock = threading.Lock()
+        self._joined = threading.Condition(self._lock)
+        self._workers: dict[int, Connection] = {}
+        self._ids = itertools.count(1)
+        self._assignment_ids = itertools.count(1)
+        self._pending = threading.BoundedSemaphore(settings.max_pending)
+        self._stopping = threading.Event()
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self.round = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> tuple[str, int]:
+        """Listen (127.0.0.1 unless the settings name another address) and start accepting workers."""
+        host, port = parse_address(self.settings.address)
+        listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=64)
+        listener.settimeout(0.2)
+        self._listener = listener
+        thread = threading.Thread(target=self._accept_loop, name="ps-accept", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        self.address = listener.getsockname()[:2]
+        self._event("listening", detail=f"{self.address[0]}:{self.address[1]}")
+        return self.address
+
+    def stop(self, reason: str = "training finished") -> None:
+        """Tell every worker training is over, close every connection and stop the threads."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        with self._lock:
+            workers = list(self._workers.values())
+        for conn in workers:
+            if conn.alive:
+                try:
+                    conn.send(Message(MessageType.DONE, {"reason": reason}), timeout=2.0)
+                except (wire.ProtocolError, OSError):
+                    pass
+            conn.close()
+        if self._listener is not None:
+            self._listener.close()
+        for thread in self._threads:
+            thread.join(timeout=5.0)
+
+    def _event(self, event: str, worker: Connection | None = None, **details: Any) -> None:
+        entry = {"time": round(time.time(), 3), "round": self.round, "event": event, **details}
+        if worker is not None:
+            entry["worker"] = worker.name
+        self.events.append(entry)
+        text = ", ".join(f"{k}={v}" for k, v in details.items())
+        log.info("parameter server: %s%s%s", event, f" {worker.name}" if worker else "", f" ({text})" if text else "")
+
+    # --- admitting workers ---------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, peer = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return  # listener closed
+            if not self._pending.acquire(blocking=False):
+                self._event("refused", peer=f"{peer[0]}:{peer[1]}", detail="too many connections still in their handshake")
+                sock.close()
+                continue
+            thread = threading.Thread(target=self._admit, args=(sock, peer), name="ps-handshake", daemon=True)
+            thread.start()
+
+    def _admit(self, sock: socket.socket, peer: tuple) -> None:
+        peer_name = f"{peer[0]}:{peer[1]}"
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            worker_id = next(self._ids)
+            hello = wire.server_handshake(
+                sock, self.settings.secret, self.settings.handshake_timeout, self.settings.max_frame,
+                self.check_hello, {"worker_id": worker_id},
+            )
+        except (wire.ProtocolError, OSError) as error:
+            self._event("rejected", peer=peer_name, detail=str(error))
+            sock.close()
+            return
+        finally:
+            self._pending.release()
+        name = f"worker-{worker_id} {str(hello.get('name', ''))[:40]} ({peer_name})".replace("  ", " ")
+        conn = Connection(worker_id, name, sock, peer_name)
+        conn.reader = threading.Thread(target=self._read_loop, args=(conn,), name=f"ps-read-{worker_id}", daemon=True)
+        with self._joined:
+            if self._stopping.is_set():
+                sock.close()
+                return
+            self._workers[worker_id] = conn
+            self._joined.notify_all()
+        self._threads.append(conn.reader)
+        conn.reader.start()
+        self._event("joined", conn, host=str(hello.get("host", "?")), pid=hello.get("pid"))
+
+    def _read_loop(self, conn: Connection) -> None:
+        """Frames from one worker into the inbox; an error or EOF ends the connection."""
+        selector = selectors.DefaultSelector()
+        selector.register(conn.sock, selectors.EVENT_READ)
+        try:
+            while not self._stopping.is_set() and conn.alive:
+                if not selector.select(timeout=0.5):
+                    continue
+                message = wire.recv_message(conn.sock, self.settings.max_frame, timeout=self.settings.frame_timeout)
+                self._inbox.put((conn, message))
+        except (wire.ProtocolError, OSError, ValueError) as error:
+            if conn.alive and not self._stopping.is_set():
+                self._inbox.put((conn, error))
+        finally:
+            selector.close()
+
+    @property
+    def live_workers(self) -> list[Connection]:
+        with self._lock:
+            return [c for c in self._workers.values() if c.alive]
+
+    def wait_for_workers(self, count: int, timeout: float) -> int:
+        """Block until ``count`` workers are connected or ``timeout`` passes; returns how many are."""
+        deadline = time.monotonic() + timeout
+        with self._joined:
+            while sum(c.alive for c in self._workers.values()) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping.is_set():
+                    break
+                self._joined.wait(timeout=min(remaining, 0.5))
+            return sum(c.alive for c in self._workers.values())
+
+    def _drop(self, conn: Connection, why: str) -> None:
+        if conn.alive:
+            conn.close()
+            self._event("left", conn, reason=why)
+
+    # --- rounds --------------------------------------------------------------------------------------
+
+    def run_round(self, epoch: int, micro_batches: list[Tensor], version: int) -> RoundResult:
+        """Compute the gradient of one optimizer step over ``micro_batches`` (tensors of sample indices):
+        return the sample-weighted average of the workers' gradients, and load their averaged BatchNorm
+        statistics into the module. ``version`` names the current parameters (the optimizer step)."""
+        self.round += 1
+        started = time.perf_counter()
+        timings = {"send": 0.0, "wait": 0.0, "aggregate": 0.0}
+        todo = list(range(len(micro_batches)))
+        round_samples = sum(len(mb) for mb in micro_batches)
+        workers = self.live_workers or self._wait_for_a_worker()
+        grad_sum = torch.zeros(self.flat.num_params, dtype=torch.float32)  # becomes the weighted average
+        float_sum = torch.zeros(self.flat.num_float_buffers, dtype=torch.float32)
+        int_max = torch.full((self.flat.num_int_buffers,), -1, dtype=torch.int64)
+        samples, loss_sum, correct, reassigned = 0, 0.0, 0, 0
+        contributors: list[str] = []
+        inflight: dict[int, Assignment] = {}
+
+        def assign(conn: Connection, positions: list[int]) -> None:
+            t = time.perf_counter()
+            if conn.version != version:
+                params = self.flat.params_flat()
+                floats, ints = self.flat.buffers_flat()
+                conn.send(Message(MessageType.PARAMS, {"version": version}, [params, floats, ints]), self.settings.frame_timeout)
+                conn.version = version
+            chosen = [micro_batches[i] for i in positions]
+            assignment = Assignment(next(self._assignment_ids), conn, positions, 0.0)
+            queued = sum(1 for a in inflight.values() if a.worker is conn)
+            assignment.deadline = time.monotonic() + self.settings.round_timeout * (queued + 1)
+            meta = {"round": self.round, "assignment": assignment.id, "epoch": epoch}
+            sizes = torch.tensor([len(mb) for mb in chosen], dtype=torch.int64)
+            conn.send(Message(MessageType.ASSIGN, meta, [torch.cat(chosen).to(torch.int64), sizes]), self.settings.frame_timeout)
+            inflight[assignment.id] = assignment
+            timings["send"] += time.perf_counter() - t
+
+        def hand_out(positions: list[int], candidates: list[Connection]) -> None:
+            """Split ``positions`` into contiguous chunks, one per candidate, as even as they can be; a
+            worker that cannot be reached is dropped and its chunk goes to the others."""
+            queue = list(candidates)
+            while positions:
+                queue = [c for c in queue if c.alive] or self.live_workers or self._wait_for_a_worker()
+                conn = queue.pop(0)
+                share = -(-len(positions) // (len(queue) + 1))
+                chunk, positions = positions[:share], positions[share:]
+                try:
+                    assign(conn, chunk)
+                except (wire.ProtocolError, OSError) as error:
+                    self._drop(conn, f"send failed: {error}")
+                    positions = chunk + positions
+
+        def reassign(assignment: Assignment, why: str) -> None:
+            nonlocal reassigned
+            count = sum(len(micro_batches[i]) for i in assignment.micro_batches)
+            reassigned += count
+            self.accounting.reassigned(epoch, count)
+            self._event("reassigned", assignment.worker, samples=count, reason=why)
+            idle = [c for c in self.live_workers if not any(a.worker is c for a in inflight.values())]
+            hand_out(assignment.micro_batches, idle or self.live_workers)
+
+        hand_out(todo, workers)
+        while inflight:
+            t = time.perf_counter()
+            now = time.monotonic()
+            overdue = [a for a in inflight.values() if a.deadline <= now]
+            for assignment in overdue:
+                inflight.pop(assignment.id)
+                self._drop(assignment.worker, f"no answer within the round timeout ({self.settings.round_timeout:g} s)")
+                self._orphan_assignments_of(assignment.worker, inflight, reassign)
+                reassign(assignment, "round timeout")
+            if not inflight:
+                break
+            wait = max(0.0, min(a.deadline for a in inflight.values()) - time.monotonic())
+            try:
+                conn, item = self._inbox.get(timeout=wait)
+            except queue.Empty:
+                timings["wait"] += time.perf_counter() - t
+                continue
+            timings["wait"] += time.perf_counter() - t
+            if isinstance(item, BaseException):
+                self._drop(conn, f"connection lost: {item}")
+                self._orphan_assignments_of(conn, inflight, reassign)
+                continue
+            if item.type != MessageType.GRADS:
+                self._drop(conn, f"protocol violation: unexpected {item.type.name}")
+                self._orphan_assignments_of(conn, inflight, reassign)
+                continue
+            assignment = inflight.get(int(item.meta.get("assignment", -1)))
+            if assignment is None or assignment.worker is not conn or item.meta.get("round") != self.round:
+                continue  # a late answer to an assignment that was already handed to someone else
+            t = time.perf_counter()
+            problem = self._check_contribution(item, sum(len(micro_batches[i]) for i in assignment.micro_batches))
+            if problem:
+                inflight.pop(assignment.id)
+                conn.strikes += 1
+                self._event("rejected contribution", conn, reason=problem, strikes=conn.strikes)
+                try:
+                    conn.send(Message(MessageType.ERROR, {"reason": f"contribution rejected: {problem}"}), 2.0)
+                except (wire.ProtocolError, OSError):
+                    pass
+                if conn.strikes >= self.settings.max_strikes:
+                    self._drop(conn, f"{conn.strikes} rejected contributions")
+                    self._orphan_assignments_of(conn, inflight, reassign)
+                reassign(assignment, f"rejected: {problem}")
+                continue
+            inflight.pop(assignment.id)
+            grads, floats, ints = item.tensors
+            # weight by share of the round's samples: exactly 1.0 for a lone worker, so one worker
+            # reproduces a single-process run bit for bit in float32
+            share = item.meta["samples"] / round_samples
+            grad_sum.add_(grads, alpha=share)
+            float_sum.add_(floats, alpha=share)
+            torch.maximum(int_max, ints, out=int_max)
+            samples += item.meta["samples"]
+            loss_sum += float(item.meta["loss_sum"])
+            correct += int(item.meta["correct"])
+            if conn.name not in contributors:
+                contributors.append(conn.name)
+                self.contributions[conn.name] += 1
+            for i in assignment.micro_batches:
+                self.accounting.used(epoch, micro_batches[i])
+            timings["aggregate"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        self.flat.load_buffers(float_sum, int_max)
+        self.accounting.round_done(epoch)
+        timings["aggregate"] += time.perf_counter() - t
+        timings["total"] = time.perf_counter() - started
+        return RoundResult(grad_sum, samples, loss_sum, correct, contributors, reassigned, timings)
+
+    def _orphan_assignments_of(self, conn: Connection, inflight: dict[int, Assignment], reassign: Callable) -> None:
+        for assignment in [a for a in inflight.values() if a.worker is conn]:
+            inflight.pop(assignment.id)
+            reassign(assignment, f"{conn.name} left")
+
+    def _check_contribution(self, message: Message, expected_samples: int) -> str | None:
+        meta, tensors = message.meta, message.tensors
+        if len(tensors) != 3 or not self.flat.shapes_match(*tensors):
+            return "gradient tensors do not match the model's shapes"
+        if meta.get("samples") != expected_samples:
+            return f"covers {meta.get('samples')} samples, {expected_samples} were assigned"
+        if not isinstance(meta.get("loss_sum"), (int, float)) or not isinstance(meta.get("correct"), int):
+            return "missing loss or accuracy statistics"
+        if not (torch.isfinite(tensors[0]).all() and torch.isfinite(tensors[1]).all()) or not torch.isfinite(torch.tensor(float(meta["loss_sum"]))):
+            return "NaN or Inf in the gradient"
+        return None
+
+    def _wait_for_a_worker(self) -> list[Connection]:
+        self._event("waiting", detail=f"no worker left; waiting up to {self.settings.worker_wait:g} s for one to join")
+        if self.wait_for_workers(1, self.settings.worker_wait) == 0:
+            raise NoWorkersError(
+                f"no worker is connected to the parameter server at {self.address[0]}:{self.address[1]} and none "
+                f"joined within {self.settings.worker_wait:g} s: start workers with strategy.role=worker "
+                f"strategy.address=HOST:PORT, or raise strategy.worker_wait"
+            )
+        return self.live_workers
