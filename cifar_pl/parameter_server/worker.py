@@ -1,0 +1,248 @@
+"""A parameter-server worker: holds the dataset and a copy of the model, computes gradients for the
+sample indices the server assigns, and never steps an optimizer of its own.
+
+    python -m cifar_pl.parameter_server.worker --spec SPEC.json --address HOST:PORT [--name NAME]
+
+The spec (written by ``ParameterServerStrategy`` for the workers it starts itself) names the
+LightningModule and DataModule classes and their saved hyperparameters, so a worker builds exactly the
+model and data of the run. Remote workers are started with ``python train.py ... strategy.role=worker``
+instead, and build them from the same Hydra config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from torch import nn
+
+from cifar_pl.parameter_server import protocol as wire
+from cifar_pl.parameter_server.packing import FlatState
+from cifar_pl.parameter_server.protocol import Message, MessageType
+from cifar_pl.parameter_server.server import parse_address
+
+log = logging.getLogger(__name__)
+
+EXIT_DONE, EXIT_FAILED = 0, 1
+
+
+@dataclass
+class WorkerSettings:
+    address: str
+    name: str = ""
+    secret: bytes | None = None
+    connect_timeout: float = 120.0  # keep trying to reach the server for this long
+    idle_timeout: float = 1800.0  # the longest the server may stay silent (it validates between epochs)
+    frame_timeout: float = 60.0
+    handshake_timeout: float = 30.0
+    max_frame: int = 256 * 1024 * 1024
+
+
+def data_fingerprint(datamodule: Any) -> dict[str, Any]:
+    """What must match between server and workers for sample indices to mean the same images."""
+    labels = datamodule.train_set.labels
+    return {
+        "dataset": datamodule.hparams.dataset,
+        "train_samples": len(labels),
+        "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16],
+    }
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward-pass context for a Lightning precision string."""
+    if precision in ("bf16-mixed", "bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision in ("16-mixed", "16"):
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+class Worker:
+    """Serves gradients to one parameter server until it says training is done."""
+
+    def __init__(self, module: L.LightningModule, datamodule: Any, precision: str, settings: WorkerSettings) -> None:
+        self.module = module
+        self.datamodule = datamodule
+        self.precision = precision
+        self.settings = settings
+        self.device = next(module.parameters()).device
+        self.flat = FlatState(module)
+        # fp16 needs loss scaling; bf16 and fp32 do not (a dynamic scale, as Lightning's 16-mixed uses)
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision in ("16-mixed", "16") else None
+
+    def hello(self) -> dict[str, Any]:
+        return {
+            "name": self.settings.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "signature": wire.model_signature(self.module),
+            "data": data_fingerprint(self.datamodule),
+        }
+
+    def connect(self) -> socket.socket:
+        """Connect, retrying with backoff until ``connect_timeout``: the server may not be up yet."""
+        host, port = parse_address(self.settings.address)
+        deadline = time.monotonic() + self.settings.connect_timeout
+        delay = 0.1
+        while True:
+            try:
+                sock = socket.create_connection((host, port), timeout=min(10.0, self.settings.connect_timeout))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+            except OSError as error:
+                if time.monotonic() + delay > deadline:
+                    raise ConnectionError(
+                        f"cannot reach the parameter server at {host}:{port} ({error}) after "
+                        f"{self.settings.connect_timeout:g} s; is it running, and is strategy.address right?"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def run(self) -> int:
+        sock = self.connect()
+        try:
+            welcome = wire.client_handshake(sock, self.hello(), self.settings.secret, self.settings.handshake_timeout, self.settings.max_frame)
+            log.info("worker %s joined as worker-%s", self.settings.name, welcome.get("worker_id"))
+            return self.serve(sock)
+        finally:
+            sock.close()
+
+    def serve(self, sock: socket.socket) -> int:
+        s = self.settings
+        while True:
+            message = wire.recv_message(sock, s.max_frame, timeout=s.frame_timeout, idle_timeout=s.idle_timeout)
+            if message.type == MessageType.PARAMS:
+                params, floats, ints = message.tensors
+                self.flat.load_params(params)
+                self.flat.load_buffers(floats, ints)
+            elif message.type == MessageType.ASSIGN:
+                wire.send_message(sock, self.compute(message), s.frame_timeout)
+            elif message.type == MessageType.DONE:
+                log.info("worker %s: the server finished (%s)", s.name, message.meta.get("reason", ""))
+                return EXIT_DONE
+            elif message.type == MessageType.ERROR:
+                log.warning("worker %s: the server says: %s", s.name, message.meta.get("reason", ""))
+            else:
+                raise wire.BadFrame(f"unexpected {message.type.name} from the server")
+
+    def _micro_batches(self, message: Message) -> Iterator[torch.Tensor]:
+        """The assignment's micro-batches of sample indices, checked against the training set."""
+        indices, sizes = message.tensors
+        if indices.dtype != torch.int64 or sizes.dtype != torch.int64 or int(sizes.sum()) != len(indices):
+            raise wire.BadFrame("ASSIGN holds malformed sample indices")
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(self.datamodule.train_set)):
+            raise wire.BadFrame("ASSIGN names samples outside the training set")
+        return iter(torch.split(indices, sizes.tolist()))
+
+    def compute(self, message: Message) -> Message:
+        """The gradient over the assigned micro-batches, accumulated exactly as Lightning accumulates
+        (each micro-batch's mean loss divided by their number), with the loss and accuracy sums and the
+        BatchNorm statistics after them. The server weights each worker by its share of the samples."""
+        epoch = int(message.meta["epoch"])
+        module, device = self.module, self.device
+        micro_batches = list(self._micro_batches(message))
+        module.train()
+        for _ in range(8):  # fp16 only: retry with a smaller loss scale after an overflow
+            module.zero_grad(set_to_none=True)
+            samples, loss_sum, correct = 0, 0.0, 0
+            for idx in micro_batches:
+                images, labels, idx = self.datamodule.train_set[idx]
+                x = self.datamodule.transform(images.to(device), idx.to(device), epoch, train=True)
+                y = labels.to(device)
+                with autocast_for(self.precision, device):
+                    loss, hits = module.classification_loss(x, y)
+                scaled = loss / len(micro_batches)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                samples += len(y)
+                loss_sum += float(loss.detach()) * len(y)
+                correct += int(hits)
+            if self.scaler is None or self._unscale():
+                break
+        grads = self.flat.grads_flat()
+        floats, ints = self.flat.buffers_flat()
+        meta = {"round": message.meta["round"], "assignment": message.meta["assignment"], "samples": samples,
+                "loss_sum": loss_sum, "correct": correct}
+        return Message(MessageType.GRADS, meta, [grads, floats, ints])
+
+    def _unscale(self) -> bool:
+        """Divide the fp16 gradients by the loss scale; False (and a smaller scale) on overflow."""
+        assert self.scaler is not None
+        scale = self.scaler.get_scale()
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        finite = all(torch.isfinite(g).all() for g in grads)
+        if finite:
+            for g in grads:
+                g.div_(scale)
+        self.scaler.update(scale / 2 if not finite else None)
+        return finite
+
+
+def _import(path: str) -> Any:
+    module_name, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def build_from_spec(spec: dict[str, Any]) -> tuple[L.LightningModule, Any]:
+    """The run's DataModule (set up) and LightningModule, built in the same order as train.py so that a
+    worker's random state matches a single-process run's (dropout draws the same masks)."""
+    L.seed_everything(spec["seed"], verbose=False)
+    datamodule = _import(spec["datamodule"]["target"])(**spec["datamodule"]["hparams"])
+    module: nn.Module = _import(spec["module"]["target"])(**spec["module"]["hparams"])
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    device = torch.device(spec.get("device", "cpu"))
+    return module.to(device), datamodule
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A worker the server started must not outlive it, even if the server was killed outright (then it
+    cannot say goodbye, and a worker still connecting would otherwise retry until its timeout)."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(EXIT_FAILED)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="A parameter-server worker started by the server itself.")
+    parser.add_argument("--spec", required=True, help="JSON written by ParameterServerStrategy")
+    parser.add_argument("--address", required=True, help="HOST:PORT of the server")
+    parser.add_argument("--name", default="", help="how the server's log names this worker")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    if args.parent_pid:
+        _exit_with_parent(args.parent_pid)
+    with open(args.spec) as f:
+        spec = json.load(f)
+    torch.set_num_threads(int(spec["threads"]))
+    try:
+        secret = wire.load_secret(spec.get("secret_file"))
+        module, datamodule = build_from_spec(spec)
+        settings = WorkerSettings(args.address, args.name, secret, **spec.get("timeouts", {}))
+        return Worker(module, datamodule, spec["precision"], settings).run()
+    except (wire.ProtocolError, ConnectionError, OSError) as error:
+        log.error("worker %s stops: %s", args.name, error)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
