@@ -44,7 +44,7 @@ class ImageClassifier(L.LightningModule):
         self.example_input_array = torch.zeros(2, in_channels, 32, 32)
         # Training loss and accuracy are running sums (summed loss, correct predictions, samples), logged
         # once per epoch: logging a torchmetrics Metric every step costs Lightning ~0.5 ms per batch, ~5% of
-        # a CPU step. The sums are also what parameter-server workers report (see ``record_training``).
+        # a CPU step. The sums are also what parameter-server workers report (see ``training_batch_done``).
         self.register_buffer("train_sums", torch.zeros(3), persistent=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -59,23 +59,29 @@ class ImageClassifier(L.LightningModule):
         # a no-op for batches from BatchTransform, which are already channels-last
         return self.net(x.contiguous(memory_format=torch.channels_last))
 
+    def classification_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy of a batch, and how many of its predictions are right (no gradient)."""
+        logits = self(x)
+        with torch.no_grad():
+            correct = (logits.argmax(dim=1) == y).sum()
+        return F.cross_entropy(logits, y), correct
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        with torch.no_grad():
-            self.record_training(loss * len(y), (logits.argmax(dim=1) == y).sum(), len(y))
-        if self._writes_step_metrics(batch_idx):
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
+        loss, correct = self.classification_loss(x, y)
+        self.training_batch_done(loss.detach() * len(y), correct, len(y), batch_idx)
         return loss
 
-    def record_training(self, loss_sum: Tensor | float, correct: Tensor | int, count: int) -> None:
-        """Add a batch's summed loss, number of correct predictions and number of samples to the epoch."""
+    def training_batch_done(self, loss_sum: Tensor | float, correct: Tensor | int, count: int, batch_idx: int) -> None:
+        """Add a batch's summed loss, correct predictions and sample count to the epoch's totals, and log
+        the step metrics when due. The parameter-server strategy calls this with its workers' totals."""
         sums = self.train_sums
         sums[0] += loss_sum
         sums[1] += correct
         sums[2] += count
+        if self._writes_step_metrics(batch_idx):
+            self.log("train/loss_step", float(loss_sum) / count, on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
 
     def _writes_step_metrics(self, batch_idx: int) -> bool:
         """True on the batches whose step metrics Lightning writes to the logger: the micro-batch that ends

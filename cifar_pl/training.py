@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.model_summary import summarize
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_pl.callbacks import EpochTimer
 from cifar_pl.errors import ConfigurationError
-from cifar_pl.runtime import configure_threads, quiet_third_party_noise, resolve_precision
+from cifar_pl.parameter_server import protocol as wire
+from cifar_pl.parameter_server.worker import Worker, WorkerSettings
+from cifar_pl.runtime import configure_threads, quiet_third_party_noise, resolve_precision, uses_cuda
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +53,35 @@ def _find(trainer: L.Trainer, kind: type) -> Any:
     return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
+def build_strategy(cfg: DictConfig) -> Strategy | str:
+    """The ``strategy`` group as a Lightning strategy; one without ``_target_`` (``single``) lets Lightning pick."""
+    node = cfg.get("strategy")
+    return instantiate(node, _convert_="all") if node is not None and "_target_" in node else "auto"
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], logger: Logger | bool) -> L.Trainer:
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.get("accelerator", "auto"))
     if not cfg.trainer.get("enable_progress_bar", True):
         # trainer.enable_progress_bar=false alone switches the bar off (Lightning refuses the pair otherwise)
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, precision=precision)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, precision=precision, strategy=build_strategy(cfg))
+
+
+def build_tester(cfg: DictConfig, trainer: L.Trainer) -> L.Trainer:
+    """The trainer that tests the best checkpoint: the fit's own, or for a fit over several processes a
+    single-device one (DDP's sampler would pad the test set with repeated images)."""
+    if trainer.world_size == 1:
+        return trainer
+    return L.Trainer(
+        accelerator=cfg.trainer.get("accelerator", "auto"),
+        devices=1,
+        precision=resolve_precision(cfg.trainer.precision, cfg.trainer.get("accelerator", "auto")),
+        logger=trainer.logger or False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=cfg.trainer.get("enable_progress_bar", True),
+        default_root_dir=trainer.default_root_dir,
+    )
 
 
 def announce_outputs(run_dir: Path, trainer: L.Trainer) -> None:
@@ -68,6 +97,8 @@ def announce_outputs(run_dir: Path, trainer: L.Trainer) -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     quiet_third_party_noise()
+    if cfg.get("strategy") is not None and cfg.strategy.get("role") == "worker":
+        return run_worker(cfg)
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
@@ -104,9 +135,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(_fit_results(trainer))
         if trainer.interrupted:
             metrics["status"] = "interrupted"
-        elif cfg.get("test_after_fit", True):
-            best = metrics.get("checkpoint") or None
-            results = trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        elif cfg.get("test_after_fit", True) and trainer.is_global_zero:
+            best = metrics.get("checkpoint") or metrics.get("last_checkpoint")
+            if best:  # only the weights matter for testing; a checkpoint is read as tensors and plain data
+                log.info("Testing the best checkpoint: %s", best)
+                model.load_state_dict(torch.load(best, map_location=model.device, weights_only=True)["state_dict"])
+            results = build_tester(cfg, trainer).test(model, datamodule=datamodule)
             metrics.update({k: float(v) for k, v in results[0].items()})
             metrics["status"] = "completed"
         else:
@@ -124,6 +158,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log_hparams(trainer, cfg, metrics)
         _report(run_dir, metrics)
     return metrics
+
+
+def run_worker(cfg: DictConfig) -> dict[str, Any]:
+    """``strategy.role=worker``: serve gradients to the parameter server at ``strategy.address`` until it
+    says training is done. Data and model come from the same config as the server's, built in the same
+    order (the handshake checks that they match)."""
+    settings = cfg.strategy
+    if not settings.get("address"):
+        raise ConfigurationError("strategy.role=worker needs strategy.address=HOST:PORT, the server's address")
+    L.seed_everything(cfg.seed, workers=True)
+    configure_threads(cfg.get("num_threads") or settings.get("worker_threads"))
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    device = torch.device("cuda", 0) if uses_cuda(accelerator) else torch.device("cpu")
+    name = f"{socket.gethostname()}-{os.getpid()}"
+    try:
+        worker_settings = WorkerSettings(
+            address=settings.address, name=name, secret=wire.load_secret(settings.get("secret_file")),
+            connect_timeout=float(settings.get("join_timeout", 120.0)), max_frame=int(settings.get("max_frame_mb", 256)) * 2**20,
+        )
+        code = Worker(model.to(device), datamodule, resolve_precision(cfg.trainer.precision, accelerator), worker_settings).run()
+    except (wire.ProtocolError, ConnectionError) as error:
+        raise ConfigurationError(f"worker {name} stopped: {error}") from None
+    return {"status": "completed" if code == 0 else "failed", "role": "worker"}
 
 
 HPARAM_GROUPS = ("data", "model", "trainer", "strategy")

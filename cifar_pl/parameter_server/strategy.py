@@ -1,0 +1,261 @@
+"""``ParameterServerStrategy``: Lightning trains the central model on the server, and each optimizer step's
+gradient comes from the workers.
+
+Each training "batch" the server's fit loop sees is a round: ``workers x accumulate_grad_batches``
+micro-batches of sample indices, taken in the same order a single-process run uses them. The strategy's
+``training_step`` hands the round to the workers and collects their gradients; ``backward`` (which
+Lightning calls after zeroing the gradients) writes their sample-weighted average into the central model;
+Lightning's own optimizer step then clips it and steps AdamW and OneCycleLR. Validation, test, logging and checkpoints are Lightning's, once, on the
+central model. The number of rounds per epoch is fixed by the planned worker count, so the learning-rate
+schedule is the same however many workers come and go.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from torch import Tensor
+
+from cifar_pl.errors import ConfigurationError
+from cifar_pl.parameter_server import protocol as wire
+from cifar_pl.parameter_server.accounting import SampleAccounting
+from cifar_pl.parameter_server.launch import LocalWorkers
+from cifar_pl.parameter_server.server import ParameterServer, ServerSettings
+from cifar_pl.parameter_server.worker import data_fingerprint
+from cifar_pl.runtime import available_cores
+
+log = logging.getLogger(__name__)
+
+ROLES = ("local", "server", "worker")
+DEFAULT_PORT = 29400
+
+
+@dataclass
+class RoundPlan:
+    """One optimizer step's work: micro-batches of sample indices."""
+
+    epoch: int
+    index: int
+    micro_batches: list[Tensor]
+
+
+class RoundLoader:
+    """What the server's fit loop iterates: an epoch's training batches, grouped into rounds."""
+
+    def __init__(self, batches: Any, per_round: int, epoch: Callable[[], int]) -> None:
+        self.batches, self.per_round, self.epoch = batches, per_round, epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.batches) / self.per_round)
+
+    def __iter__(self) -> Iterator[RoundPlan]:
+        epoch = self.epoch()
+        micro_batches = self.batches.batches(epoch)
+        for index, start in enumerate(range(0, len(micro_batches), self.per_round)):
+            yield RoundPlan(epoch, index, micro_batches[start : start + self.per_round])
+
+
+class ParameterServerStrategy(SingleDeviceStrategy):
+    """A socket parameter server as a Lightning strategy (see the module docstring).
+
+    ``role="local"`` starts ``workers`` worker processes on this machine; ``role="server"`` waits for
+    workers started elsewhere with ``python train.py ... strategy.role=worker strategy.address=HOST:PORT``.
+    """
+
+    strategy_name = "parameter_server"
+
+    def __init__(
+        self,
+        workers: int = 2,
+        role: str = "local",
+        address: str | None = None,
+        min_workers: int | None = None,
+        secret_file: str | None = None,
+        round_timeout: float = 120.0,
+        join_timeout: float = 120.0,
+        worker_wait: float = 120.0,
+        worker_threads: int | None = None,
+        max_frame_mb: int = 256,
+        max_pending_handshakes: int = 16,
+        device: str | None = None,
+    ) -> None:
+        super().__init__(device=device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+        if role not in ROLES:
+            raise ConfigurationError(f"strategy.role={role!r} is not one of {', '.join(ROLES)}")
+        if workers < 1 or (min_workers is not None and not 1 <= min_workers <= workers):
+            raise ConfigurationError(
+                f"strategy.workers={workers} and strategy.min_workers={min_workers}: need 1 <= min_workers <= workers"
+            )
+        self.workers, self.role, self.min_workers = workers, role, min_workers or workers
+        self.address = address or ("127.0.0.1:0" if role == "local" else f"127.0.0.1:{DEFAULT_PORT}")
+        self.secret_file, self.worker_threads = secret_file, worker_threads
+        self.join_timeout = join_timeout
+        self.settings = ServerSettings(
+            address=self.address, round_timeout=round_timeout, worker_wait=worker_wait,
+            max_frame=max_frame_mb * 1024 * 1024, max_pending=max_pending_handshakes,
+        )
+        self.micro_batches_per_worker = 1
+        self.server: ParameterServer | None = None
+        self.local_workers: LocalWorkers | None = None
+        self.round_timings: list[dict[str, float]] = []
+        self._gradient: Tensor | None = None
+
+    # --- Lightning hooks -----------------------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            # one round is one optimizer step; the workers accumulate the micro-batches instead
+            self.micro_batches_per_worker = trainer.accumulate_grad_batches
+            trainer.accumulate_grad_batches = 1
+            self._drop_loss_scaling()
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._start(trainer)  # workers load while the server runs its sanity check
+
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer
+        if trainer.state.stage != RunningStage.TRAINING:
+            return dataloader
+        batches = getattr(dataloader, "sampler", None)
+        if not callable(getattr(batches, "batches", None)):
+            raise ConfigurationError(
+                "the parameter-server strategy needs a training DataLoader whose sampler yields batches of sample "
+                "indices (cifar_pl.data.ImageDataModule's): the server hands out indices, never images"
+            )
+        return RoundLoader(batches, self.workers * self.micro_batches_per_worker, lambda: trainer.current_epoch)
+
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        return batch if isinstance(batch, RoundPlan) else super().batch_to_device(batch, device, dataloader_idx)
+
+    def on_train_start(self) -> None:
+        assert self.server is not None
+        joined = self.server.wait_for_workers(self.min_workers, self.join_timeout)
+        if joined < self.min_workers:
+            where = f"; their logs are in {self.local_workers.log_dir}" if self.local_workers else ""
+            host, port = self.server.address
+            raise ConfigurationError(
+                f"only {joined} of the {self.min_workers} workers needed joined the parameter server at {host}:{port} "
+                f"within {self.join_timeout:g} s{where}. Start them with: python train.py <same options> "
+                f"strategy.role=worker strategy.address=<this host>:{port}; or lower strategy.min_workers, or raise "
+                f"strategy.join_timeout."
+            )
+        log.info("parameter server: %d worker(s) joined; training starts", joined)
+
+    def training_step(self, plan: RoundPlan, batch_idx: int) -> Tensor:
+        assert self.server is not None
+        module = self.lightning_module
+        result = self.server.run_round(plan.epoch, plan.micro_batches, version=module.trainer.global_step)
+        self.round_timings.append(result.timings)
+        self._gradient = result.gradient
+        module.training_batch_done(result.loss_sum, result.correct, result.samples, batch_idx)
+        return torch.tensor(result.loss_sum / result.samples)
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        """The round's gradient comes from the workers: write it into the central model."""
+        assert self.server is not None and self._gradient is not None
+        self.server.flat.set_grads(self._gradient)
+        self._gradient = None
+        return closure_loss
+
+    def on_train_end(self) -> None:
+        self._shutdown("training finished")
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._shutdown(f"the server stopped: {type(exception).__name__}")
+
+    def teardown(self) -> None:
+        self._shutdown("the server stopped")
+        super().teardown()
+
+    # --- the server and its workers ------------------------------------------------------------------
+
+    def _drop_loss_scaling(self) -> None:
+        """The server only applies averaged, unscaled gradients: fp16 loss scaling belongs on the workers."""
+        plugin = self.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
+            bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            self.precision_plugin = MixedPrecision("bf16-mixed", plugin.device) if bf16 else Precision()
+            log.info("parameter server: evaluates in %s; workers train in 16-mixed", "bf16-mixed" if bf16 else "32-true")
+
+    def _start(self, trainer: L.Trainer) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "train_set"):
+            raise ConfigurationError("the parameter-server strategy needs the run's DataModule (ImageDataModule)")
+        datamodule.setup("fit")
+        module = self.lightning_module
+        signature, fingerprint = wire.model_signature(module), data_fingerprint(datamodule)
+
+        def check_hello(hello: dict[str, Any]) -> str | None:
+            mismatch = wire.signature_mismatch(signature, hello.get("signature"))
+            if mismatch is None and hello.get("data") != fingerprint:
+                mismatch = (
+                    f"signature mismatch: the worker's training data {hello.get('data')} is not the server's "
+                    f"{fingerprint}; give both the same data config and seed"
+                )
+            return mismatch
+
+        self.settings.secret = wire.load_secret(self.secret_file)
+        accounting = SampleAccounting(len(datamodule.train_set))
+        self.server = ParameterServer(module, self.settings, check_hello, accounting)
+        host, port = self.server.start()
+        log.info("parameter server listening on %s:%d, planned for %d worker(s)", host, port, self.workers)
+        if self.role == "local":
+            run_dir = Path(trainer.default_root_dir)
+            threads = self.worker_threads or max(1, available_cores() // self.workers)
+            spec = self._write_worker_spec(trainer, threads, run_dir / "parameter_server" / "worker_spec.json")
+            self.local_workers = LocalWorkers(self.workers, spec, f"{host}:{port}", run_dir / "parameter_server", threads)
+            self.local_workers.start()
+
+    def _write_worker_spec(self, trainer: L.Trainer, threads: int, path: Path) -> Path:
+        module, datamodule = self.lightning_module, trainer.datamodule
+        spec = {
+            "seed": int(os.environ.get("PL_GLOBAL_SEED", 0)),  # set by seed_everything in train.py
+            "precision": str(trainer.precision),
+            "threads": threads,
+            "secret_file": self.secret_file,
+            "module": {"target": f"{type(module).__module__}.{type(module).__qualname__}", "hparams": dict(module.hparams)},
+            "datamodule": {"target": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}", "hparams": dict(datamodule.hparams)},
+            "timeouts": {"frame_timeout": self.settings.frame_timeout, "max_frame": self.settings.max_frame},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(spec, indent=2))
+        return path
+
+    def _shutdown(self, reason: str) -> None:
+        server, workers = self.server, self.local_workers
+        self.server = self.local_workers = None
+        if server is not None:
+            server.stop(reason)
+        exits = workers.stop() if workers is not None else {}
+        if server is not None and self.lightning_module is not None:
+            self._write_report(server, exits)
+
+    def _write_report(self, server: ParameterServer, exits: dict[str, int | None]) -> None:
+        timings = {k: statistics.mean(t[k] for t in self.round_timings) * 1000 for k in ("send", "wait", "aggregate", "total")} if self.round_timings else {}
+        report = {
+            "address": f"{server.address[0]}:{server.address[1]}",
+            "workers_planned": self.workers,
+            "micro_batches_per_worker": self.micro_batches_per_worker,
+            "rounds": server.round,
+            "round_ms_mean": timings,
+            "local_worker_exit_codes": exits,
+            "rounds_per_worker": dict(server.contributions),
+            "epochs": server.accounting.report(),
+            "events": server.events,
+        }
+        path = Path(self.lightning_module.trainer.default_root_dir) / "parameter_server" / "report.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        log.info("parameter server report: %s", path)
