@@ -25,7 +25,13 @@ class EpochTimer(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         seconds = time.perf_counter() - self._epoch_start
         self.epoch_seconds.append(seconds)
-        pl_module.log("time/epoch_seconds", seconds, on_epoch=True, on_step=False)
+        pl_module.log("time/epoch_seconds", seconds, on_epoch=True, on_step=False, sync_dist=True)
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"epoch_seconds": list(self.epoch_seconds)}
+
+    def load_state_dict(self, state_dict: dict[str, list[float]]) -> None:
+        self.epoch_seconds = [float(s) for s in state_dict.get("epoch_seconds", [])]
 
     @property
     def mean_epoch_seconds(self) -> float | None:
