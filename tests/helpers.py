@@ -159,3 +159,35 @@ def tensorboard_hparams(log_dir: Path) -> list[dict[str, object]]:
                 hparams = data.session_start_info.hparams
                 sessions.append({k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in hparams.items()})
     return sessions
+
+
+# --- parameter server ---------------------------------------------------------------------------------
+
+def worker_processes() -> list[int]:
+    """PIDs of parameter-server worker processes still running on this machine."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            continue
+        if b"cifar_pl.parameter_server.worker" in cmdline and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+class KillWorkerAt(L.Callback):
+    """SIGKILLs local worker ``name`` a moment after round ``round`` of epoch ``epoch`` starts, i.e. while
+    it is computing its share of that round."""
+
+    def __init__(self, epoch: int, round: int, name: str = "local-1", delay: float = 0.02) -> None:
+        self.epoch, self.round, self.name, self.delay = epoch, round, name, delay
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.round:
+            import threading
+
+            threading.Timer(self.delay, trainer.strategy.local_workers.kill, args=(self.name,)).start()
