@@ -60,15 +60,15 @@ class FlatState:
         self._assign(self.int_buffers, ints)
 
     def set_grads(self, flat: Tensor) -> None:
-        """Write ``flat`` into every parameter's ``.grad`` (allocated where missing)."""
+        """Write ``flat`` into every parameter's ``.grad``, allocated where missing with the parameter's own
+        memory layout (channels-last for convolutions): gradient-norm clipping then reduces in the same
+        order as backward-produced gradients, so results match DDP's bit for bit."""
         offset = 0
         for p in self.params:
             n = p.numel()
-            g = flat[offset : offset + n].view_as(p).to(p.device, p.dtype)
             if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.copy_(g)
+                p.grad = torch.empty_like(p)
+            p.grad.copy_(flat[offset : offset + n].view(p.shape))
             offset += n
 
     def shapes_match(self, grads: Tensor, floats: Tensor, ints: Tensor) -> bool:

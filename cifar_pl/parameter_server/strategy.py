@@ -52,19 +52,30 @@ class RoundPlan:
 
 
 class RoundLoader:
-    """What the server's fit loop iterates: an epoch's training batches, grouped into rounds."""
+    """What the server's fit loop iterates: an epoch's samples as rounds of micro-batches, grouped the way
+    DDP with ``workers`` processes groups them.
 
-    def __init__(self, batches: Any, per_round: int, epoch: Callable[[], int]) -> None:
-        self.batches, self.per_round, self.epoch = batches, per_round, epoch
+    The epoch's permutation (the single-process order) is dealt into ``workers`` shares, sample ``i`` to
+    share ``i % workers`` as DDP deals it to ranks (without DDP's padding: every sample once), and each share
+    is cut into micro-batches; round ``j`` holds micro-batches ``j*K .. j*K+K-1`` of every share, in share
+    order. With all planned workers up, worker ``w`` computes exactly what DDP rank ``w`` would; with one
+    worker, a round is what a single process accumulates for one optimizer step.
+    """
+
+    def __init__(self, batches: Any, workers: int, micro_batches: int, epoch: Callable[[], int]) -> None:
+        self.batches, self.workers, self.micro_batches, self.epoch = batches, workers, micro_batches, epoch
 
     def __len__(self) -> int:
-        return math.ceil(len(self.batches) / self.per_round)
+        longest_share = math.ceil(len(self.batches.dataset) / self.workers)
+        return math.ceil(math.ceil(longest_share / self.batches.batch_size) / self.micro_batches)
 
     def __iter__(self) -> Iterator[RoundPlan]:
         epoch = self.epoch()
-        micro_batches = self.batches.batches(epoch)
-        for index, start in enumerate(range(0, len(micro_batches), self.per_round)):
-            yield RoundPlan(epoch, index, micro_batches[start : start + self.per_round])
+        order = self.batches.permutation(epoch)
+        shares = [list(torch.split(order[w :: self.workers], self.batches.batch_size)) for w in range(self.workers)]
+        k = self.micro_batches
+        for index in range(len(self)):
+            yield RoundPlan(epoch, index, [mb for share in shares for mb in share[index * k : (index + 1) * k]])
 
 
 class ParameterServerStrategy(SingleDeviceStrategy):
@@ -129,12 +140,12 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         if trainer.state.stage != RunningStage.TRAINING:
             return dataloader
         batches = getattr(dataloader, "sampler", None)
-        if not callable(getattr(batches, "batches", None)):
+        if not callable(getattr(batches, "permutation", None)) or getattr(batches, "num_replicas", 1) != 1:
             raise ConfigurationError(
                 "the parameter-server strategy needs a training DataLoader whose sampler yields batches of sample "
                 "indices (cifar_pl.data.ImageDataModule's): the server hands out indices, never images"
             )
-        return RoundLoader(batches, self.workers * self.micro_batches_per_worker, lambda: trainer.current_epoch)
+        return RoundLoader(batches, self.workers, self.micro_batches_per_worker, lambda: trainer.current_epoch)
 
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         return batch if isinstance(batch, RoundPlan) else super().batch_to_device(batch, device, dataloader_idx)
