@@ -173,19 +173,9 @@ def plot_time(jobs: list[Job], swept: list[str], path: Path) -> Path:
             # slope: the cost of one more epoch; intercept: what every run pays once (setup, first validation)
             name = f"{label}: {slope:.2f} s/epoch + {intercept:.1f} s"
         points.set_label(name)
-    ax.set_xlabel("epochs")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("training time (s)")
-    ax.set_title("Training time against epochs (linear fit)")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, "training time (s)", "Training time against epochs (linear fit)", path)
 
 
 def plot_accuracy(jobs: list[Job], swept: list[str], path: Path) -> Path:
@@ -193,10 +183,15 @@ def plot_accuracy(jobs: list[Job], swept: list[str], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for label, (epochs, accuracy) in _series(jobs, swept, "test/acc").items():
         ax.plot(epochs, accuracy, "o-", label=label)
+    return _save(fig, ax, "test accuracy", "Test accuracy against epochs", path)
+
+
+def _save(fig: plt.Figure, ax: plt.Axes, ylabel: str, title: str, path: Path) -> Path:
+    """Label an epochs plot (whole epochs on the x axis), add its legend and write it as a PNG."""
     ax.set_xlabel("epochs")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Test accuracy against epochs")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
