@@ -1,12 +1,19 @@
 """Benchmarks. Each prints human-readable lines, then its figures as JSON on the last line.
 
     python experiments/benchmark.py pipeline [--batches N] [--repeats R]
+    python experiments/benchmark.py strategies [--steps N] [--repeats R] [--threads T]
 
 pipeline: one training epoch's worth of steps of the real pipeline (this project's DataModule,
 LightningModule, Trainer and callbacks from the default config, on CIFAR-sized synthetic data) against a
 minimal hand-written PyTorch loop doing the same work (same model, batch size, accumulation, precision,
 augmentation, clipping, optimizer and schedule, thread count), alternating in one process. The ratio
 project / baseline is what the framework costs; the goal is at most 1.10.
+
+strategies: the same number of optimizer steps (after a warm-up) with a single process, Lightning DDP
+with 2 processes and the parameter server with 2 workers, through the project's Trainer set-up, the
+same threads per process; throughput in samples/s, the ratio parameter server / DDP (goal: at least
+0.95), and the server's median time per round: send, receive (the workers' compute included), average,
+and its optimizer step between rounds.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 from cifar_pl.data import ImageDataModule  # noqa: E402
+from cifar_pl.callbacks import Throughput  # noqa: E402
 from cifar_pl.models import build_network  # noqa: E402
 from cifar_pl.runtime import configure_threads, quiet_third_party_noise, resolve_precision  # noqa: E402
 from cifar_pl.training import build_trainer, instantiate_callbacks  # noqa: E402
@@ -146,6 +154,74 @@ def pipeline(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def time_strategy(workdir: Path, name: str, overrides: list[str], steps: int, threads: int) -> dict[str, Any]:
+    """Train ``steps`` optimizer steps with one strategy through the project's own Trainer set-up and
+    return its steady-state throughput (and, for the parameter server, the server's per-round times)."""
+    cfg = default_config(workdir, STRATEGY_DATA + [f"num_threads={threads}", *overrides])
+    with open_dict(cfg):
+        cfg.trainer.max_steps = steps + WARMUP_STEPS
+        cfg.trainer.limit_val_batches = 0
+        cfg.trainer.num_sanity_val_steps = 0
+        cfg.trainer.enable_progress_bar = False
+        cfg.paths.output_dir = str(workdir / name)
+    L.seed_everything(cfg.seed, verbose=False)
+    configure_threads(threads)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all")
+    meter = Throughput(warmup_steps=WARMUP_STEPS)
+    trainer = build_trainer(cfg, [*instantiate_callbacks(cfg.callbacks), meter], False)
+    trainer.fit(model, datamodule=datamodule)
+    processes = trainer.world_size if trainer.world_size > 1 else getattr(trainer.strategy, "workers", 1)
+    samples_per_step = processes * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches
+    result = {"samples_per_s": meter.steps_per_second * samples_per_step, "steps": meter.steps,
+              "samples_per_step": samples_per_step}
+    if hasattr(trainer.strategy, "round_ms"):
+        result["round_ms"] = trainer.strategy.round_ms()
+    print(f"  {name:16s} {result['samples_per_s']:8.1f} samples/s ({meter.steps} steps in {meter.seconds:.1f} s, "
+          f"{samples_per_step} samples per step)", flush=True)
+    return result
+
+
+STRATEGY_DATA = ["data=synthetic", "data.options.train_size=20000", "data.options.test_size=1000", "data.val_size=1000",
+                 "trainer.accelerator=cpu", "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null",
+                 "+trainer.enable_checkpointing=false", "test_after_fit=false"]
+WARMUP_STEPS = 5
+
+
+def strategies(args: argparse.Namespace) -> dict[str, Any]:
+    quiet_third_party_noise()
+    threads = args.threads
+    contenders = {
+        "single": [],
+        "ddp_2": ["strategy=ddp", "trainer.devices=2", f"strategy.threads_per_process={threads}"],
+        "ps_2_workers": ["strategy=parameter_server", "strategy.workers=2", f"strategy.worker_threads={threads}"],
+    }
+    print(f"{args.steps} optimizer steps each after {WARMUP_STEPS} warm-up steps, {threads} thread(s) per process, "
+          f"{args.repeats} alternating repeats")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            order = list(contenders) if repeat % 2 == 0 else list(reversed(contenders))
+            for name in order:
+                runs[name].append(time_strategy(Path(tmp), f"{name}_{repeat}", contenders[name], args.steps, threads))
+    throughput = {name: statistics.median(r["samples_per_s"] for r in results) for name, results in runs.items()}
+    round_ms = {
+        key: round(statistics.median(r["round_ms"][key] for r in runs["ps_2_workers"]), 3)
+        for key in runs["ps_2_workers"][0]["round_ms"]
+    }
+    result = {
+        "ps_vs_ddp": round(throughput["ps_2_workers"] / throughput["ddp_2"], 4),
+        "ps_round_ms": round_ms,
+        "samples_per_s": {name: round(v, 1) for name, v in throughput.items()},
+        "ddp_vs_single": round(throughput["ddp_2"] / throughput["single"], 4),
+        "steps": args.steps,
+        "threads_per_process": threads,
+        "repeats": args.repeats,
+    }
+    print(f"parameter server / DDP throughput: {result['ps_vs_ddp']:.3f}; server per round (ms, median): {round_ms}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
@@ -154,6 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="alternating measurements of each (medians are kept)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.set_defaults(run=pipeline)
+    s = sub.add_parser("strategies", help="single process, DDP with 2 processes and the parameter server with 2 workers")
+    s.add_argument("--steps", type=int, default=60, help="timed optimizer steps per strategy (after the warm-up)")
+    s.add_argument("--repeats", type=int, default=3, help="alternating runs of each (medians are kept)")
+    s.add_argument("--threads", type=int, default=1, help="CPU threads per process (default 1: 2 processes on 2 cores)")
+    s.set_defaults(run=strategies)
     args = parser.parse_args(argv)
     print(json.dumps(args.run(args)))
 
