@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.model_summary import summarize
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_pl.callbacks import EpochTimer
+from cifar_pl.cli import in_multirun
 from cifar_pl.errors import ConfigurationError
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.worker import Worker, WorkerSettings
@@ -84,6 +85,11 @@ def build_tester(cfg: DictConfig, trainer: L.Trainer) -> L.Trainer:
     )
 
 
+def tensorboard_root(run_dir: Path) -> Path:
+    """Where to point TensorBoard: the sweep folder in a multirun (all its jobs side by side), else the run."""
+    return Path(HydraConfig.get().sweep.dir) if in_multirun() else run_dir
+
+
 def announce_outputs(run_dir: Path, trainer: L.Trainer) -> None:
     lines = [f"Run directory:    {run_dir}"]
     if trainer.logger is not None and trainer.logger.log_dir:
@@ -91,8 +97,25 @@ def announce_outputs(run_dir: Path, trainer: L.Trainer) -> None:
     checkpoint = _find(trainer, ModelCheckpoint)
     if checkpoint is not None and checkpoint.dirpath:
         lines.append(f"Checkpoints:      {checkpoint.dirpath}")
-    lines.append(f"View the curves:  tensorboard --logdir {run_dir}")
+    lines.append(f"View the curves:  tensorboard --logdir {tensorboard_root(run_dir)}")
     log.info("\n" + "\n".join(lines))
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``ckpt_path`` if given; with ``strategy.resume=true``, the newer of the run's recovery.ckpt and
+    last.ckpt (restart the command with ``hydra.run.dir=`` the interrupted run's folder)."""
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    if cfg.get("strategy") is None or not cfg.strategy.get("resume"):
+        return None
+    folder = run_dir / "checkpoints"
+    candidates = [p for p in (folder / "recovery.ckpt", folder / "last.ckpt") if p.is_file()]
+    if not candidates:
+        raise ConfigurationError(
+            f"strategy.resume=true, but {folder} holds no recovery.ckpt or last.ckpt. Run the same command with "
+            f"hydra.run.dir=<the folder of the run to resume>, or give ckpt_path=<a checkpoint>."
+        )
+    return str(max(candidates, key=lambda p: p.stat().st_mtime))
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -100,7 +123,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("strategy") is not None and cfg.strategy.get("role") == "worker":
         return run_worker(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path = resume_checkpoint(cfg, run_dir)
     if ckpt_path and not Path(ckpt_path).is_file():
         raise ConfigurationError(
             f"ckpt_path={ckpt_path} does not exist. Give the path of a checkpoint written by an earlier run, "
@@ -180,6 +203,7 @@ def run_worker(cfg: DictConfig) -> dict[str, Any]:
         worker_settings = WorkerSettings(
             address=settings.address, name=name, secret=wire.load_secret(settings.get("secret_file")),
             connect_timeout=float(settings.get("join_timeout", 120.0)), max_frame=int(settings.get("max_frame_mb", 256)) * 2**20,
+            reconnect_timeout=float(settings.get("reconnect_timeout", 60.0)),
         )
         code = Worker(model.to(device), datamodule, resolve_precision(cfg.trainer.precision, accelerator), worker_settings).run()
     except (wire.ProtocolError, ConnectionError) as error:
@@ -226,8 +250,8 @@ def _fit_results(trainer: L.Trainer) -> dict[str, Any]:
     for checkpoint in trainer.checkpoint_callbacks:
         if not isinstance(checkpoint, ModelCheckpoint):
             continue
-        if checkpoint.monitor is None:  # saves every epoch: its "best" is the latest
-            out["last_checkpoint"] = checkpoint.best_model_path or None
+        if checkpoint.monitor is None:  # last.ckpt, recovery.ckpt: their "best" is their latest
+            out[f"{checkpoint.filename}_checkpoint"] = checkpoint.best_model_path or None
         else:
             out["checkpoint"] = checkpoint.best_model_path or None
             if checkpoint.best_model_score is not None:
@@ -246,5 +270,5 @@ def _report(run_dir: Path, metrics: dict[str, Any]) -> None:
     if acc is not None:
         summary.append(f"Test accuracy:   {acc:.4f} (best checkpoint: {metrics.get('checkpoint')})")
     summary.append(f"Metrics:         {run_dir / METRICS_FILE}")
-    summary.append(f"View the curves: tensorboard --logdir {run_dir}")
+    summary.append(f"View the curves: tensorboard --logdir {tensorboard_root(run_dir)}")
     log.info("\n" + "\n".join(summary))

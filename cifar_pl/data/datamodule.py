@@ -15,7 +15,7 @@ from cifar_pl.data.arrays import ImageArrays, IndexedImages, keep_batch
 from cifar_pl.data.augment import BatchTransform
 from cifar_pl.data.cifar import CIFAR10, CIFAR100, CifarSource
 from cifar_pl.data.fashion_mnist import FashionMNISTSource
-from cifar_pl.data.sampling import EpochBatches
+from cifar_pl.data.sampling import EpochBatches, ResumableLoader
 from cifar_pl.data.synthetic import SyntheticSource
 from cifar_pl.errors import ConfigurationError
 
@@ -104,11 +104,11 @@ class ImageDataModule(L.LightningDataModule):
                 f"{arrays.channels} channels; fix data.num_classes / data.channels in the data config."
             )
 
-    def _loader(self, dataset: IndexedImages | None, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: IndexedImages | None, loader: type[DataLoader] = DataLoader, **kwargs: Any) -> DataLoader:
         if dataset is None:
             raise RuntimeError("ImageDataModule.setup() must run before asking for a DataLoader")
         workers = self.hparams.num_workers
-        return DataLoader(
+        return loader(
             dataset,
             collate_fn=keep_batch,
             num_workers=workers,
@@ -128,7 +128,16 @@ class ImageDataModule(L.LightningDataModule):
         # The order is a pure function of (seed, epoch): a resumed run replays it, and under DDP each rank
         # takes its own share of every epoch.
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        return self._loader(self.train_set, batch_size=None, sampler=self.train_batches(world, rank))
+        return self._loader(
+            self.train_set, ResumableLoader, batch_size=None, sampler=self.train_batches(world, rank), position=self._position
+        )
+
+    def _position(self) -> tuple[int, int]:
+        """The current epoch and how many of its training batches have been processed (for checkpoints)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, batch_size=self.hparams.eval_batch_size, shuffle=False)

@@ -8,11 +8,12 @@ share, as with ``DistributedSampler``) and the parameter server, which hands the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 class EpochBatches(DistributedSampler):
@@ -26,6 +27,11 @@ class EpochBatches(DistributedSampler):
     def __init__(self, dataset: Sized, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.batch_size = batch_size
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already done) for the next iteration
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Make the next iteration over ``epoch`` start after its first ``batches_done`` batches."""
+        self._resume = (epoch, batches_done)
 
     def permutation(self, epoch: int) -> Tensor:
         """This rank's samples for ``epoch``, in order (the same order ``DistributedSampler`` gives)."""
@@ -39,7 +45,32 @@ class EpochBatches(DistributedSampler):
         return list(torch.split(self.permutation(epoch), self.batch_size))
 
     def __iter__(self) -> Iterator[Tensor]:  # type: ignore[override]
-        return iter(self.batches(self.epoch))
+        batches = self.batches(self.epoch)
+        if self._resume is not None and self._resume[0] == self.epoch:
+            batches = batches[self._resume[1] :]
+        self._resume = None
+        return iter(batches)
 
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader whose place in the epoch survives a checkpoint.
+
+    Lightning saves ``state_dict()`` with the fit loop and hands it back to ``load_state_dict`` before
+    iterating again, so a run resumed from a checkpoint written mid-epoch (every N steps, on Ctrl-C or
+    SIGTERM) continues with the next batch instead of replaying the epoch's start. ``position`` tells where
+    training is: the epoch and how many of its batches are done.
+    """
+
+    def __init__(self, *args: Any, position: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches_done = self.position()
+        return {"epoch": epoch, "batches_done": batches_done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.sampler.resume_at(int(state_dict["epoch"]), int(state_dict["batches_done"]))
