@@ -162,16 +162,70 @@ def test_a_worker_that_hangs_up_mid_round_has_its_samples_reassigned(make_server
     assert sorted(torch.cat(good.assigned).tolist()) == list(range(64))  # it computed everything in the end
 
 
-def test_a_silent_worker_is_dropped_after_the_round_timeout(make_server):
-    server = make_server(round_timeout=0.5)
-    good, silent = FakeWorker(server.address, answer_with(1.0)), FakeWorker(server.address, lambda m, f: None)
-    join(server, good, silent)
+def slow_once(delay: float, value: float = 1.0) -> Answer:
+    """Answers its first assignment ``delay`` seconds late, the others at once."""
+    calls = []
+
+    def answer(assign: Message, flat: FlatState) -> Message:
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(delay)
+        return answer_with(value)(assign, flat)
+
+    return answer
+
+
+def test_a_straggler_is_dropped_for_the_round_and_takes_part_again(make_server):
+    server = make_server(round_timeout=0.3)
+    good, slow = FakeWorker(server.address, answer_with(1.0), name="good"), FakeWorker(server.address, slow_once(1.5, 3.0), name="slow")
+    join(server, good, slow)
     started = time.monotonic()
-    result = server.run_round(0, micro_batches(8), version=0)
-    assert time.monotonic() - started < 3.0
-    assert result.samples == 64 and result.reassigned_samples == 32
+    first = server.run_round(0, micro_batches(8), version=0)
+    assert time.monotonic() - started < 1.2, "the round must not wait for the straggler"
+    assert first.samples == 64 and first.reassigned_samples == 32
+    torch.testing.assert_close(first.gradient, torch.full_like(first.gradient, 1.0))  # the straggler's late answer is not in it
+    assert len(server.live_workers) == 2 and any(e["event"] == "straggler" for e in server.events)
+    time.sleep(1.5)  # the straggler finishes its stale share (discarded) and is ready again
+    second = server.run_round(1, micro_batches(8), version=1)  # the next epoch: the same samples again
+    torch.testing.assert_close(second.gradient, torch.full_like(second.gradient, 2.0))  # both contributed
+    assert second.reassigned_samples == 0
+    assert all(r["every_sample_exactly_once"] for r in server.accounting.report())
+
+
+def test_a_worker_that_never_answers_is_disconnected_after_repeated_late_rounds(make_server):
+    server = make_server(round_timeout=0.2, max_strikes=2)
+    good, silent = FakeWorker(server.address, answer_with(1.0)), FakeWorker(server.address, lambda m, f: None, name="silent")
+    join(server, good, silent)
+    for step in range(2):
+        assert server.run_round(0, micro_batches(8), version=step).samples == 64
     assert len(server.live_workers) == 1
-    assert any(e["event"] == "left" and "round timeout" in e["reason"] for e in server.events)
+    assert any(e["event"] == "left" and "2 rounds in a row" in e["reason"] for e in server.events)
+
+
+def test_the_wait_policy_waits_for_a_slow_worker(make_server):
+    server = make_server(round_timeout=0.2, straggler="wait", worker_timeout=5.0)
+    good, slow = FakeWorker(server.address, answer_with(1.0)), FakeWorker(server.address, slow_once(0.8, 3.0))
+    join(server, good, slow)
+    result = server.run_round(0, micro_batches(8), version=0)
+    assert result.reassigned_samples == 0
+    torch.testing.assert_close(result.gradient, torch.full_like(result.gradient, 2.0))
+
+
+def test_a_lone_straggler_is_waited_for_up_to_the_worker_timeout(make_server):
+    server = make_server(round_timeout=0.2, worker_timeout=5.0)
+    slow = FakeWorker(server.address, slow_once(0.8, 3.0))
+    join(server, slow)
+    result = server.run_round(0, micro_batches(4), version=0)  # nobody can stand in: wait rather than fail
+    assert result.samples == 32 and result.reassigned_samples == 0 and len(server.live_workers) == 1
+
+
+def test_a_dead_silent_worker_is_disconnected_at_the_worker_timeout(make_server):
+    server = make_server(round_timeout=0.2, worker_timeout=0.6, worker_wait=0.5)
+    silent = FakeWorker(server.address, lambda m, f: None)
+    join(server, silent)
+    with pytest.raises(NoWorkersError):
+        server.run_round(0, micro_batches(2), version=0)
+    assert any(e["event"] == "left" and "worker timeout" in e["reason"] for e in server.events)
 
 
 def test_nan_gradients_are_rejected_and_the_worker_is_cut_off_after_repeated_offences(make_server):

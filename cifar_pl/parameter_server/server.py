@@ -40,13 +40,15 @@ class NoWorkersError(RuntimeError):
 class ServerSettings:
     address: str = "127.0.0.1:0"
     secret: bytes | None = None
-    round_timeout: float = 120.0  # an assignment must be answered within this, or its worker is dropped
+    round_timeout: float = 30.0  # past this, a late worker's share of the round goes to the others ("drop")
+    straggler: str = "drop"  # "drop": reassign a late share and keep the worker; "wait": wait up to worker_timeout
+    worker_timeout: float = 600.0  # a worker silent this long on an assignment is taken for dead and disconnected
     worker_wait: float = 120.0  # how long a round waits for a worker when none is left
     handshake_timeout: float = 10.0
     frame_timeout: float = 30.0  # once a frame has started, all of it must arrive within this
     max_frame: int = 256 * 1024 * 1024
     max_pending: int = 16  # concurrent connections still in their handshake
-    max_strikes: int = 3  # rejected contributions before a worker is disconnected
+    max_strikes: int = 3  # rejected contributions, or rounds late in a row, before a worker is disconnected
 
 
 def parse_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -65,7 +67,8 @@ class Connection:
     peer: str
     version: int = -1  # the parameter version this worker holds
     alive: bool = True
-    strikes: int = 0
+    strikes: int = 0  # rejected contributions
+    late: int = 0  # rounds in a row whose share it did not answer within the round timeout
     reader: threading.Thread | None = None
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -87,7 +90,9 @@ class Assignment:
     id: int
     worker: Connection
     micro_batches: list[int]  # positions in the round's list of micro-batches
+    sent: float
     deadline: float
+    final: bool  # past this deadline the worker is taken for dead, not merely late
 
 
 @dataclass
@@ -282,9 +287,11 @@ class ParameterServer:
                 conn.send(Message(MessageType.PARAMS, {"version": version}, [params, floats, ints]), self.settings.frame_timeout)
                 conn.version = version
             chosen = [micro_batches[i] for i in positions]
-            assignment = Assignment(next(self._assignment_ids), conn, positions, 0.0)
-            queued = sum(1 for a in inflight.values() if a.worker is conn)
-            assignment.deadline = time.monotonic() + self.settings.round_timeout * (queued + 1)
+            queued = 1 + sum(1 for a in inflight.values() if a.worker is conn)  # it answers them in turn
+            final = self.settings.straggler == "wait"
+            patience = self.settings.worker_timeout if final else self.settings.round_timeout * queued
+            now = time.monotonic()
+            assignment = Assignment(next(self._assignment_ids), conn, positions, now, now + patience, final)
             meta = {"round": self.round, "assignment": assignment.id, "epoch": epoch}
             sizes = torch.tensor([len(mb) for mb in chosen], dtype=torch.int64)
             conn.send(Message(MessageType.ASSIGN, meta, [torch.cat(chosen).to(torch.int64), sizes]), self.settings.frame_timeout)
@@ -312,8 +319,9 @@ class ParameterServer:
             reassigned += count
             self.accounting.reassigned(epoch, count)
             self._event("reassigned", assignment.worker, samples=count, reason=why)
-            idle = [c for c in self.live_workers if not any(a.worker is c for a in inflight.values())]
-            hand_out(assignment.micro_batches, idle or self.live_workers)
+            others = [c for c in self.live_workers if c is not assignment.worker]
+            idle = [c for c in others if not any(a.worker is c for a in inflight.values())]
+            hand_out(assignment.micro_batches, idle or others or self.live_workers)
 
         hand_out(todo, workers)
         while inflight:
@@ -321,9 +329,27 @@ class ParameterServer:
             now = time.monotonic()
             overdue = [a for a in inflight.values() if a.deadline <= now]
             for assignment in overdue:
+                conn = assignment.worker
+                if assignment.id not in inflight:
+                    continue  # handled with an earlier overdue assignment of the same worker
+                others = [c for c in self.live_workers if c is not conn]
+                if not assignment.final and not others:
+                    # a straggler nobody can stand in for: wait for it, up to the worker timeout
+                    assignment.final = True
+                    assignment.deadline = assignment.sent + self.settings.worker_timeout
+                    continue
                 inflight.pop(assignment.id)
-                self._drop(assignment.worker, f"no answer within the round timeout ({self.settings.round_timeout:g} s)")
-                self._orphan_assignments_of(assignment.worker, inflight, reassign)
+                if assignment.final:
+                    self._drop(conn, f"no answer within the worker timeout ({self.settings.worker_timeout:g} s)")
+                    self._orphan_assignments_of(conn, inflight, reassign)
+                    reassign(assignment, "worker timeout")
+                    continue
+                conn.late += 1
+                if conn.late >= self.settings.max_strikes:
+                    self._drop(conn, f"late past the round timeout {conn.late} rounds in a row")
+                    self._orphan_assignments_of(conn, inflight, reassign)
+                else:
+                    self._event("straggler", conn, detail=f"no answer within the round timeout ({self.settings.round_timeout:g} s); dropped for this round")
                 reassign(assignment, "round timeout")
             if not inflight:
                 break
@@ -361,6 +387,7 @@ class ParameterServer:
                 reassign(assignment, f"rejected: {problem}")
                 continue
             inflight.pop(assignment.id)
+            conn.late = 0
             grads, floats, ints = item.tensors
             # weight by share of the round's samples: exactly 1.0 for a lone worker, so one worker
             # reproduces a single-process run bit for bit in float32

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,6 +40,7 @@ from cifar_pl.runtime import available_cores
 log = logging.getLogger(__name__)
 
 ROLES = ("local", "server", "worker")
+STRAGGLER_POLICIES = ("drop", "wait")
 DEFAULT_PORT = 29400
 
 
@@ -62,20 +64,32 @@ class RoundLoader:
     worker, a round is what a single process accumulates for one optimizer step.
     """
 
-    def __init__(self, batches: Any, workers: int, micro_batches: int, epoch: Callable[[], int]) -> None:
-        self.batches, self.workers, self.micro_batches, self.epoch = batches, workers, micro_batches, epoch
+    def __init__(self, batches: Any, workers: int, micro_batches: int, position: Callable[[], tuple[int, int]]) -> None:
+        self.batches, self.workers, self.micro_batches, self.position = batches, workers, micro_batches, position
+        self._resume: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         longest_share = math.ceil(len(self.batches.dataset) / self.workers)
         return math.ceil(math.ceil(longest_share / self.batches.batch_size) / self.micro_batches)
 
     def __iter__(self) -> Iterator[RoundPlan]:
-        epoch = self.epoch()
+        epoch = self.position()[0]
+        start = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
+        self._resume = None
         order = self.batches.permutation(epoch)
         shares = [list(torch.split(order[w :: self.workers], self.batches.batch_size)) for w in range(self.workers)]
         k = self.micro_batches
-        for index in range(len(self)):
+        for index in range(start, len(self)):
             yield RoundPlan(epoch, index, [mb for share in shares for mb in share[index * k : (index + 1) * k]])
+
+    # Lightning saves and restores these with the fit loop: a server resumed from a checkpoint written
+    # mid-epoch continues with the next round, not the epoch's first.
+    def state_dict(self) -> dict[str, int]:
+        epoch, rounds_done = self.position()
+        return {"epoch": epoch, "rounds_done": rounds_done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = (int(state_dict["epoch"]), int(state_dict["rounds_done"]))
 
 
 class ParameterServerStrategy(SingleDeviceStrategy):
@@ -95,6 +109,10 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         min_workers: int | None = None,
         secret_file: str | None = None,
         round_timeout: float = 120.0,
+        straggler: str = "drop",
+        worker_timeout: float = 600.0,
+        resume: bool = False,
+        reconnect_timeout: float = 60.0,
         join_timeout: float = 120.0,
         worker_wait: float = 120.0,
         worker_threads: int | None = None,
@@ -111,17 +129,21 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             )
         self.workers, self.role, self.min_workers = workers, role, min_workers or workers
         self.address = address or ("127.0.0.1:0" if role == "local" else f"127.0.0.1:{DEFAULT_PORT}")
+        if straggler not in STRAGGLER_POLICIES:
+            raise ConfigurationError(f"strategy.straggler={straggler!r} is not one of {', '.join(STRAGGLER_POLICIES)}")
         self.secret_file, self.worker_threads = secret_file, worker_threads
-        self.join_timeout = join_timeout
+        self.join_timeout, self.resume, self.reconnect_timeout = join_timeout, resume, reconnect_timeout
         self.settings = ServerSettings(
-            address=self.address, round_timeout=round_timeout, worker_wait=worker_wait,
-            max_frame=max_frame_mb * 1024 * 1024, max_pending=max_pending_handshakes,
+            address=self.address, round_timeout=round_timeout, straggler=straggler, worker_timeout=worker_timeout,
+            worker_wait=worker_wait, max_frame=max_frame_mb * 1024 * 1024, max_pending=max_pending_handshakes,
         )
         self.micro_batches_per_worker = 1
         self.server: ParameterServer | None = None
         self.local_workers: LocalWorkers | None = None
         self.round_timings: list[dict[str, float]] = []
         self._gradient: Tensor | None = None
+        self._round_ended: float | None = None
+        self._restored: dict[str, Any] | None = None  # the server's state from the checkpoint resumed from
 
     # --- Lightning hooks -----------------------------------------------------------------------------
 
@@ -145,7 +167,10 @@ class ParameterServerStrategy(SingleDeviceStrategy):
                 "the parameter-server strategy needs a training DataLoader whose sampler yields batches of sample "
                 "indices (cifar_pl.data.ImageDataModule's): the server hands out indices, never images"
             )
-        return RoundLoader(batches, self.workers, self.micro_batches_per_worker, lambda: trainer.current_epoch)
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return RoundLoader(
+            batches, self.workers, self.micro_batches_per_worker, lambda: (trainer.current_epoch, progress.processed)
+        )
 
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         return batch if isinstance(batch, RoundPlan) else super().batch_to_device(batch, device, dataloader_idx)
@@ -167,8 +192,13 @@ class ParameterServerStrategy(SingleDeviceStrategy):
     def training_step(self, plan: RoundPlan, batch_idx: int) -> Tensor:
         assert self.server is not None
         module = self.lightning_module
+        started = time.perf_counter()
+        if self._round_ended is not None and batch_idx > 0 and self.round_timings:
+            # the server's own work between two rounds of an epoch: clip, AdamW, OneCycleLR, Lightning's loop
+            self.round_timings[-1]["step"] = started - self._round_ended
         result = self.server.run_round(plan.epoch, plan.micro_batches, version=module.trainer.global_step)
         self.round_timings.append(result.timings)
+        self._round_ended = time.perf_counter()
         self._gradient = result.gradient
         module.training_batch_done(result.loss_sum, result.correct, result.samples, batch_idx)
         return torch.tensor(result.loss_sum / result.samples)
@@ -179,6 +209,18 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self.server.flat.set_grads(self._gradient)
         self._gradient = None
         return closure_loss
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Checkpoints also carry the sample accounting, so a resumed server proves the same epochs."""
+        if self.server is not None:
+            checkpoint["parameter_server"] = {"accounting": self.server.accounting.state_dict(), "round": self.server.round}
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        if "parameter_server" in checkpoint:
+            self._restored = {**checkpoint["parameter_server"], "step": checkpoint.get("global_step"), "path": str(checkpoint_path)}
+        return checkpoint
 
     def on_train_end(self) -> None:
         self._shutdown("training finished")
@@ -220,6 +262,10 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self.settings.secret = wire.load_secret(self.secret_file)
         accounting = SampleAccounting(len(datamodule.train_set))
         self.server = ParameterServer(module, self.settings, check_hello, accounting)
+        if self._restored is not None:
+            accounting.load_state_dict(self._restored["accounting"])
+            self.server.round = int(self._restored["round"])
+            self.server._event("resumed", step=self._restored["step"], checkpoint=self._restored["path"])
         host, port = self.server.start()
         log.info("parameter server listening on %s:%d, planned for %d worker(s)", host, port, self.workers)
         if self.role == "local":
@@ -238,7 +284,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             "secret_file": self.secret_file,
             "module": {"target": f"{type(module).__module__}.{type(module).__qualname__}", "hparams": dict(module.hparams)},
             "datamodule": {"target": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}", "hparams": dict(datamodule.hparams)},
-            "timeouts": {"frame_timeout": self.settings.frame_timeout, "max_frame": self.settings.max_frame},
+            "timeouts": {"frame_timeout": self.settings.frame_timeout, "max_frame": self.settings.max_frame,
+                         "reconnect_timeout": self.reconnect_timeout},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(spec, indent=2))
@@ -253,14 +300,23 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         if server is not None and self.lightning_module is not None:
             self._write_report(server, exits)
 
+    def round_ms(self) -> dict[str, float]:
+        """Median milliseconds per round: sending parameters and assignments, waiting for the workers'
+        gradients (their compute and the transfer), averaging them, and the optimizer step between rounds."""
+        names = {"send": "send", "wait": "receive", "aggregate": "average", "step": "step", "total": "round"}
+        return {
+            label: round(statistics.median(t[key] for t in self.round_timings if key in t) * 1000, 3)
+            for key, label in names.items()
+            if any(key in t for t in self.round_timings)
+        }
+
     def _write_report(self, server: ParameterServer, exits: dict[str, int | None]) -> None:
-        timings = {k: statistics.mean(t[k] for t in self.round_timings) * 1000 for k in ("send", "wait", "aggregate", "total")} if self.round_timings else {}
         report = {
             "address": f"{server.address[0]}:{server.address[1]}",
             "workers_planned": self.workers,
             "micro_batches_per_worker": self.micro_batches_per_worker,
             "rounds": server.round,
-            "round_ms_mean": timings,
+            "round_ms_median": self.round_ms(),
             "local_worker_exit_codes": exits,
             "rounds_per_worker": dict(server.contributions),
             "epochs": server.accounting.report(),

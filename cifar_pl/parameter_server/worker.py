@@ -45,6 +45,7 @@ class WorkerSettings:
     name: str = ""
     secret: bytes | None = None
     connect_timeout: float = 120.0  # keep trying to reach the server for this long
+    reconnect_timeout: float = 60.0  # after losing the server (it may be restarting), look for it this long
     idle_timeout: float = 1800.0  # the longest the server may stay silent (it validates between epochs)
     frame_timeout: float = 60.0
     handshake_timeout: float = 30.0
@@ -92,33 +93,43 @@ class Worker:
             "data": data_fingerprint(self.datamodule),
         }
 
-    def connect(self) -> socket.socket:
-        """Connect, retrying with backoff until ``connect_timeout``: the server may not be up yet."""
+    def connect(self, patience: float) -> socket.socket:
+        """Connect, retrying with backoff for ``patience`` seconds: the server may not be up yet."""
         host, port = parse_address(self.settings.address)
-        deadline = time.monotonic() + self.settings.connect_timeout
+        deadline = time.monotonic() + patience
         delay = 0.1
         while True:
             try:
-                sock = socket.create_connection((host, port), timeout=min(10.0, self.settings.connect_timeout))
+                sock = socket.create_connection((host, port), timeout=min(10.0, max(patience, 0.1)))
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return sock
             except OSError as error:
                 if time.monotonic() + delay > deadline:
                     raise ConnectionError(
-                        f"cannot reach the parameter server at {host}:{port} ({error}) after "
-                        f"{self.settings.connect_timeout:g} s; is it running, and is strategy.address right?"
+                        f"cannot reach the parameter server at {host}:{port} ({error}) after {patience:g} s; "
+                        f"is it running, and is strategy.address right?"
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
     def run(self) -> int:
-        sock = self.connect()
-        try:
-            welcome = wire.client_handshake(sock, self.hello(), self.settings.secret, self.settings.handshake_timeout, self.settings.max_frame)
-            log.info("worker %s joined as worker-%s", self.settings.name, welcome.get("worker_id"))
-            return self.serve(sock)
-        finally:
-            sock.close()
+        """Serve until the server says training is done. A server that goes away (a crash, a restart from its
+        checkpoint) is looked for again for ``reconnect_timeout`` seconds; a refusal (wrong secret, model
+        or protocol version) is final."""
+        patience = self.settings.connect_timeout
+        while True:
+            sock = self.connect(patience)
+            try:
+                welcome = wire.client_handshake(sock, self.hello(), self.settings.secret, self.settings.handshake_timeout, self.settings.max_frame)
+                log.info("worker %s joined as worker-%s", self.settings.name, welcome.get("worker_id"))
+                return self.serve(sock)
+            except (wire.PeerClosed, wire.ReadTimeout, wire.WriteTimeout, ConnectionError) as error:
+                if self.settings.reconnect_timeout <= 0:
+                    raise
+                log.warning("worker %s lost the server (%s); looking for it for %g s", self.settings.name, error, self.settings.reconnect_timeout)
+                patience = self.settings.reconnect_timeout
+            finally:
+                sock.close()
 
     def serve(self, sock: socket.socket) -> int:
         s = self.settings
