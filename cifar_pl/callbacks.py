@@ -9,7 +9,9 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.connectors.data_connector import _set_sampler_epoch
 
 
 class EpochTimer(Callback):
@@ -73,38 +75,82 @@ class Throughput(Callback):
 
 
 class GracefulInterrupt(Callback):
-    """Ctrl-C stops training at the end of the current batch instead of in the middle of it, so the
-    checkpoint written on the way out (``last.ckpt``, see ``save_on_exception``) holds a consistent step:
-    resuming from it continues at the same epoch, step and learning rate. A second Ctrl-C stops at once.
-    (SIGTERM, e.g. from a cluster scheduler, takes the same path through Lightning's own handler.)
+    """Ctrl-C or SIGTERM (a cluster's pre-emption) stops training at the next optimizer-step boundary, not
+    in the middle of a step or an accumulation window, so the checkpoint written on the way out
+    (``last.ckpt``: ``save_on_exception``) holds a consistent step and resuming from it continues at the
+    same epoch, step and learning rate, with no gradient half-accumulated and lost. A second Ctrl-C stops
+    at once.
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self) -> None:
-        self._requested = False
-        self._previous: Any = None
+        self._requested: str | None = None
+        self._previous: dict[int, Any] = {}
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning's own SIGTERM handler is in place, which stops after any batch, mid-window too
         if threading.current_thread() is threading.main_thread():
-            self._requested = False
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._requested = None
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self._requested:  # pressed twice: stop now
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._requested and signum == signal.SIGINT:  # pressed twice: stop now
             raise KeyboardInterrupt
-        self._requested = True
-        print("\nStopping after this batch and saving a checkpoint (Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
+        self._requested = signal.Signals(signum).name
+        print(f"\n{self._requested}: stopping at the end of this optimizer step and saving last.ckpt "
+              f"(Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._requested:
-            raise KeyboardInterrupt  # Lightning's graceful path: on_exception callbacks (checkpoint), then exit
+        if not self._requested:
+            return
+        ends_step = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
+        if ends_step:
+            raise KeyboardInterrupt(self._requested)  # Lightning's graceful path: on_exception (checkpoint), exit
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
 
     def _restore(self) -> None:
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+        self._previous = {}
+
+
+class ExactResume(Callback):
+    """A run resumed from a checkpoint, even one written mid-epoch, continues exactly as if it had never
+    stopped: the same next batch, and the same random state (dropout masks).
+
+    Lightning restores weights, optimizer, schedule and loop counters; it also restores the position of a
+    stateful training loader (``ResumableLoader``, ``RoundLoader``), except when ``configure_optimizers``
+    asks for ``trainer.estimated_stepping_batches`` (OneCycleLR does): the loader is then built, and its
+    first batch prefetched, before the checkpoint is read, and its saved position is never applied
+    (Lightning issue #20550, open; fixed by the pending PR #21765 the same way as here). So as training
+    starts, this applies the saved position and recreates the loader's iterator. It uses Lightning's
+    internal ``fit_loop`` fields; ``tests/test_reliability.py`` checks the result against a run that never
+    stopped.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        if not (fit_loop.restarting and fit_loop._combined_loader_states_to_load and fit_loop._combined_loader is not None):
+            return  # a fresh run, or Lightning applied the position itself
+        for loader in fit_loop._combined_loader.flattened:
+            _set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
+        fit_loop._load_combined_loader_states()
+        iter(fit_loop._data_fetcher)  # a new iterator, from the restored position

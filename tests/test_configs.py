@@ -50,7 +50,7 @@ def test_train_config_composes_and_instantiates(tmp_path, data, model):
 def test_every_target_in_every_config_file_instantiates(tmp_path):
     cfg = compose_config(tmp_path)
     targets = _targets(cfg.callbacks, "callbacks") + _targets(cfg.logger, "logger")
-    assert len(targets) == 7  # 6 callbacks and the logger
+    assert len(targets) == 8  # 7 callbacks and the logger
     for path, node in targets:
         assert instantiate(node, _convert_="all") is not None, path
     assert isinstance(build_trainer(cfg, [], False), L.Trainer)  # the trainer, as train.py builds it

@@ -47,8 +47,10 @@ class EpochBatches(DistributedSampler):
     def __iter__(self) -> Iterator[Tensor]:  # type: ignore[override]
         batches = self.batches(self.epoch)
         if self._resume is not None and self._resume[0] == self.epoch:
+            # consumed only by an iteration over the epoch it is for: Lightning also iterates once before
+            # it sets the epoch, and that pass must not use it up
             batches = batches[self._resume[1] :]
-        self._resume = None
+            self._resume = None
         return iter(batches)
 
     def __len__(self) -> int:
