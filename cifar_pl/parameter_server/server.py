@@ -109,6 +109,10 @@ class RoundResult:
 class ParameterServer:
     """Serves one central module to any number of workers over TCP."""
 
+    REFUSALS = ("rejected", "refused")  # connections that never became workers
+    RECENT_REFUSALS = 50
+    REFUSAL_LOG_BURST = 10  # log lines about refusals per 10 s; the rest are only counted
+
     def __init__(
         self,
         module: torch.nn.Module,
@@ -123,6 +127,10 @@ class ParameterServer:
         self.accounting = accounting
         self.events: list[dict[str, Any]] = []
         self.contributions: collections.Counter[str] = collections.Counter()  # rounds each worker computed for
+        # connections turned away before they became workers: counted, the latest few kept (bounded memory)
+        self.refusals: collections.Counter[str] = collections.Counter()
+        self._recent_refusals: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.RECENT_REFUSALS)
+        self._refusal_window = [time.monotonic(), 0]
         self._inbox: queue.Queue[tuple[Connection, Message | BaseException]] = queue.Queue()
         self._lock = threading.Lock()
         self._joined = threading.Condition(self._lock)
@@ -140,7 +148,9 @@ class ParameterServer:
     def start(self) -> tuple[str, int]:
         """Listen (127.0.0.1 unless the settings name another address) and start accepting workers."""
         host, port = parse_address(self.settings.address)
-        listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=64)
+        # a deep accept queue: a burst of connections (a flood, or many workers at once) must not overflow it,
+        # or the kernel drops SYNs and every dropped peer, real workers too, waits a 1 s retransmission
+        listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=1024)
         listener.settimeout(0.2)
         self._listener = listener
         thread = threading.Thread(target=self._accept_loop, name="ps-accept", daemon=True)
@@ -173,9 +183,23 @@ class ParameterServer:
         entry = {"time": round(time.time(), 3), "round": self.round, "event": event, **details}
         if worker is not None:
             entry["worker"] = worker.name
-        self.events.append(entry)
         text = ", ".join(f"{k}={v}" for k, v in details.items())
-        log.info("parameter server: %s%s%s", event, f" {worker.name}" if worker else "", f" ({text})" if text else "")
+        line = f"parameter server: {event}{f' {worker.name}' if worker else ''}{f' ({text})' if text else ''}"
+        if event in self.REFUSALS:
+            # anyone who can reach the port can cause these: count them all, keep and log only a few
+            with self._lock:
+                self.refusals[event] += 1
+                self._recent_refusals.append(entry)
+                now = time.monotonic()
+                if now - self._refusal_window[0] > 10.0:
+                    self._refusal_window = [now, 0]
+                self._refusal_window[1] += 1
+                quiet = self._refusal_window[1] > self.REFUSAL_LOG_BURST
+            if not quiet:
+                log.info(line)
+            return
+        self.events.append(entry)
+        log.info(line)
 
     # --- admitting workers ---------------------------------------------------------------------------
 
@@ -238,6 +262,11 @@ class ParameterServer:
                 self._inbox.put((conn, error))
         finally:
             selector.close()
+
+    @property
+    def recent_refusals(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._recent_refusals)
 
     @property
     def live_workers(self) -> list[Connection]:

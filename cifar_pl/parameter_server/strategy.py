@@ -74,8 +74,9 @@ class RoundLoader:
 
     def __iter__(self) -> Iterator[RoundPlan]:
         epoch = self.position()[0]
-        start = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
-        self._resume = None
+        start = 0
+        if self._resume is not None and self._resume[0] == epoch:  # used up only by the epoch it is for
+            start, self._resume = self._resume[1], None
         order = self.batches.permutation(epoch)
         shares = [list(torch.split(order[w :: self.workers], self.batches.batch_size)) for w in range(self.workers)]
         k = self.micro_batches
@@ -321,6 +322,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             "rounds_per_worker": dict(server.contributions),
             "epochs": server.accounting.report(),
             "events": server.events,
+            "refused_connections": dict(server.refusals),
+            "recent_refusals": server.recent_refusals,
         }
         path = Path(self.lightning_module.trainer.default_root_dir) / "parameter_server" / "report.json"
         path.parent.mkdir(parents=True, exist_ok=True)
