@@ -191,3 +191,78 @@ class KillWorkerAt(L.Callback):
             import threading
 
             threading.Timer(self.delay, trainer.strategy.local_workers.kill, args=(self.name,)).start()
+
+
+class SignalSelfAt(L.Callback):
+    """Sends this very process a real signal (SIGINT, SIGTERM, SIGKILL) as batch ``batch`` of epoch
+    ``epoch`` starts (a round, on a parameter server)."""
+
+    def __init__(self, epoch: int, batch: int, signal: str) -> None:
+        self.epoch, self.batch, self.signal = epoch, batch, signal
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            import signal as signals
+
+            os.kill(os.getpid(), getattr(signals, self.signal))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def malformed_frames(count: int, seed: int) -> list[bytes]:
+    """A seeded corpus of frames a parameter server must refuse: garbage, mutated and truncated valid
+    frames, lying length prefixes, wrong versions and types, malformed JSON and tensor descriptors."""
+    import random
+
+    import torch
+
+    from cifar_pl.parameter_server import protocol as wire
+
+    rng = random.Random(seed)
+    hello = b"".join(bytes(p) for p in wire.encode(wire.Message(wire.MessageType.HELLO, {"name": "fuzz", "nonce": "00" * 32})))
+    grads = b"".join(bytes(p) for p in wire.encode(wire.Message(wire.MessageType.GRADS, {"round": 1}, [torch.ones(64)])))
+    header = wire.HEADER
+
+    def payload_frame(meta: bytes, tail: bytes = b"", kind: int = wire.MessageType.HELLO) -> bytes:
+        body = len(meta).to_bytes(4, "big") + meta + tail
+        return header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, kind, 0, len(body)) + body
+
+    makers = [
+        lambda: rng.randbytes(rng.randint(1, 300)),
+        lambda: bytes(b ^ (1 << rng.randrange(8)) if rng.random() < 0.05 else b for b in rng.choice([hello, grads])),
+        lambda: rng.choice([hello, grads])[: rng.randint(1, len(hello) - 1)],
+        lambda: header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, wire.MessageType.HELLO, 0, rng.randint(2**31, 2**63)),
+        lambda: header.pack(wire.MAGIC, rng.choice([0, 2, 9, 255]), wire.MessageType.HELLO, 0, 8) + bytes(8),
+        lambda: header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, rng.choice([0, 11, 99, 255]), 0, 8) + bytes(8),
+        lambda: header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, wire.MessageType.HELLO, rng.randint(1, 65535), 8) + bytes(8),
+        lambda: header.pack(rng.randbytes(4), wire.PROTOCOL_VERSION, wire.MessageType.HELLO, 0, 8) + bytes(8),
+        lambda: payload_frame(rng.randbytes(rng.randint(0, 200))),
+        lambda: payload_frame(b'{"tensors": [{"dtype": "object", "shape": [1]}]}', bytes(8)),
+        lambda: payload_frame(b'{"tensors": [{"dtype": "float32", "shape": [1099511627776]}]}'),
+        lambda: payload_frame(b"[" * 5000 + b"]" * 5000),
+        lambda: payload_frame(b'{"tensors": []}', kind=rng.choice([wire.MessageType.GRADS, wire.MessageType.AUTH, wire.MessageType.DONE])),
+        lambda: (2**32 - 1).to_bytes(4, "big").join([header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, 1, 0, 100), b""]),
+    ]
+    return [rng.choice(makers)() for _ in range(count)]
+
+
+def fire_frames(host: str, port: int, count: int, seed: int) -> int:
+    """Send each malformed frame on its own connection (run in a separate process, like an attacker);
+    returns how many were sent."""
+    import socket
+
+    sent = 0
+    for frame in malformed_frames(count, seed):
+        try:
+            with socket.create_connection((host, port), timeout=5) as sock:
+                sock.sendall(frame)
+        except OSError:
+            pass  # the server may already have closed on us: that is the point
+        sent += 1
+    return sent

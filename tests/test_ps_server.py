@@ -228,15 +228,19 @@ def test_a_dead_silent_worker_is_disconnected_at_the_worker_timeout(make_server)
     assert any(e["event"] == "left" and "worker timeout" in e["reason"] for e in server.events)
 
 
-def test_nan_gradients_are_rejected_and_the_worker_is_cut_off_after_repeated_offences(make_server):
+def test_nan_gradients_are_rejected_the_model_stays_finite_and_the_sender_is_cut_off(make_server):
     server = make_server(max_strikes=2)
     good = FakeWorker(server.address, answer_with(1.0), name="good")
     bad = FakeWorker(server.address, answer_with(float("nan")), name="bad")
     join(server, good, bad)
+    optimizer = torch.optim.AdamW(server.module.parameters(), lr=0.1)
     for step in range(2):
-        result = server.run_round(0 if step == 0 else 1, micro_batches(8), version=step)
+        result = server.run_round(step, micro_batches(8), version=step)
         assert torch.isfinite(result.gradient).all()
         torch.testing.assert_close(result.gradient, torch.full_like(result.gradient, 1.0))
+        server.flat.set_grads(result.gradient)
+        optimizer.step()  # the central model takes the step and stays finite
+        assert all(torch.isfinite(p).all() for p in server.module.parameters())
     assert [e["event"] for e in server.events].count("rejected contribution") == 2
     assert any("NaN or Inf" in reason for reason in bad.errors)
     assert [w.name for w in server.live_workers] == [c.name for c in server.live_workers if "good" in c.name]
@@ -310,10 +314,10 @@ def test_malformed_oversized_and_wrong_version_frames_are_refused_and_the_server
     answer = _raw(server, wrong_version[: wire.HEADER.size])  # no unread bytes: a clean close, the reply arrives
     assert b"protocol" in answer  # the refusal says why
     deadline = time.monotonic() + 5
-    while sum(e["event"] == "rejected" for e in server.events) < 6 and time.monotonic() < deadline:
+    while server.refusals["rejected"] < 6 and time.monotonic() < deadline:
         time.sleep(0.05)
-    reasons = [e["detail"] for e in server.events if e["event"] == "rejected"]
-    assert len(reasons) == 6 and not server.live_workers
+    reasons = [e["detail"] for e in server.recent_refusals if e["event"] == "rejected"]
+    assert server.refusals["rejected"] == len(reasons) == 6 and not server.live_workers
     assert any("too large" in r or "cap" in r for r in reasons) and any("protocol" in r for r in reasons)
     worker = FakeWorker(server.address, answer_with(1.0))
     join(server, worker)
@@ -335,7 +339,8 @@ def test_wrong_secret_is_refused(make_server):
     impostor.start()
     impostor.join(5)
     assert isinstance(impostor.failure, wire.AuthenticationError)
-    assert not server.live_workers
+    assert not server.live_workers and server.refusals["rejected"] == 1
+    assert "does not know the shared secret" in server.recent_refusals[0]["detail"]
     honest = FakeWorker(server.address, answer_with(1.0), secret=SECRET)
     join(server, honest)
     assert server.run_round(0, micro_batches(2), version=0).samples == 16
@@ -355,8 +360,8 @@ def test_unauthenticated_connections_are_capped(make_server):
     idle = [socket.create_connection(server.address, timeout=5) for _ in range(4)]
     try:
         time.sleep(0.3)
-        refused = [e for e in server.events if e["event"] == "refused"]
-        assert len(refused) == 2 and "handshake" in refused[0]["detail"]
+        refused = [e for e in server.recent_refusals if e["event"] == "refused"]
+        assert server.refusals["refused"] == len(refused) == 2 and "handshake" in refused[0]["detail"]
     finally:
         for sock in idle:
             sock.close()

@@ -1,0 +1,160 @@
+"""Faults and bad input: a single-process run interrupted by SIGINT or SIGTERM resumes exactly; a
+parameter server killed outright mid-epoch and restarted with strategy.resume finishes with every sample
+of every epoch used once; thousands of malformed frames against a live server do not disturb a real
+worker's training."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import cifar_pl.training as training
+from cifar_pl.training import train
+from tests.helpers import REPO, TINY_SYNTHETIC, compose_config, free_port, malformed_frames, worker_processes
+
+RUN = [*TINY_SYNTHETIC, "data.batch_size=16", "trainer.enable_progress_bar=false"]  # 24 batches = 6 steps per epoch
+
+
+def _train_py(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    return process.returncode, output
+
+
+def _ckpt(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """The uninterrupted run the interrupted ones must match."""
+    cwd = tmp_path_factory.mktemp("straight")
+    code, output = _finish(_train_py([*RUN, "trainer.max_epochs=3", f"hydra.run.dir={cwd / 'run'}"], cwd))
+    assert code == 0, output[-3000:]
+    return cwd / "run"
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, straight_run, signal_name):
+    # the signal arrives as batch 9 of epoch 1 starts: training stops after batch 11, where the optimizer
+    # steps (accumulation 4), so the checkpoint holds step 6 + 3 = 9 and nothing half-accumulated
+    chaos = ["+callbacks.chaos._target_=tests.helpers.SignalSelfAt", "+callbacks.chaos.epoch=1",
+             "+callbacks.chaos.batch=9", f"+callbacks.chaos.signal={signal_name}"]
+    code, output = _finish(_train_py([*RUN, "trainer.max_epochs=3", *chaos, f"hydra.run.dir={tmp_path / 'first'}"], tmp_path))
+    assert code != 0, "an interrupted run must not report success"
+    assert f"{signal_name}: stopping at the end of this optimizer step" in output
+    interrupted = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    assert interrupted["status"] == "interrupted"
+    last = _ckpt(tmp_path / "first" / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (1, 9)
+
+    code, output = _finish(_train_py([*RUN, "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
+                                      f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path))
+    assert code == 0, output[-3000:]
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert resumed["status"] == "completed" and resumed["global_step"] == 18 and resumed["epochs"] == 3
+    # the same epoch, step, learning rate, data order and random state: the same model as the straight run
+    final, straight = _ckpt(tmp_path / "resumed" / "checkpoints" / "last.ckpt"), _ckpt(straight_run / "checkpoints" / "last.ckpt")
+    assert final["lr_schedulers"][0]["_last_lr"] == straight["lr_schedulers"][0]["_last_lr"]
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_parameter_server_killed_mid_epoch_resumes_and_uses_every_sample_once(tmp_path):
+    port = free_port()
+    common = [*RUN, "data.options.train_size=1152", "trainer.max_epochs=3", "strategy=parameter_server",
+              f"strategy.address=127.0.0.1:{port}", "strategy.workers=2"]
+    # 1024 training images / 16 = 64 micro-batches = 8 rounds of 2 workers x 4 per epoch; a recovery
+    # checkpoint every 2 rounds; the server SIGKILLs itself as round 5 of epoch 1 starts (after step 12)
+    server_args = [*common, "strategy.role=server", "callbacks.recovery_checkpoint.every_n_train_steps=2",
+                   f"hydra.run.dir={tmp_path / 'run'}"]
+    chaos = ["+callbacks.chaos._target_=tests.helpers.SignalSelfAt", "+callbacks.chaos.epoch=1",
+             "+callbacks.chaos.batch=5", "+callbacks.chaos.signal=SIGKILL"]
+    server = _train_py([*server_args, *chaos], tmp_path)
+    workers = [_train_py([*common, "strategy.role=worker", "strategy.reconnect_timeout=120", f"hydra.run.dir={tmp_path / f'w{i}'}"], tmp_path)
+               for i in range(2)]
+    try:
+        code, output = _finish(server)
+        assert code == -signal.SIGKILL, output[-3000:]
+        recovery = _ckpt(tmp_path / "run" / "checkpoints" / "recovery.ckpt")
+        assert recovery["global_step"] == 12  # the newest checkpoint: steps 13 and 14 were lost with the server
+        assert all(w.poll() is None for w in workers), "workers wait for the server to come back"
+
+        code, output = _finish(_train_py([*server_args, "strategy.resume=true"], tmp_path))
+        assert code == 0, output[-3000:]
+        worker_codes = [_finish(w, timeout=60)[0] for w in workers]
+    finally:
+        for process in [server, *workers]:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert worker_codes == [0, 0], "the workers reconnected, finished the run and stopped cleanly"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["global_step"] == 3 * 8
+    report = json.loads((tmp_path / "run" / "parameter_server" / "report.json").read_text())
+    resumed = [e for e in report["events"] if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] == 12 and resumed[0]["checkpoint"].endswith("recovery.ckpt")
+    assert [e["samples"] for e in report["epochs"]] == [1024, 1024, 1024]
+    assert [e["every_sample_exactly_once"] for e in report["epochs"]] == [True, True, True]
+    assert report["rounds"] == 3 * 8  # the round count continued from the checkpoint's
+
+
+class Fuzzer(L.Callback):
+    """As training starts, a separate process fires a seeded corpus of malformed frames at the server, one
+    connection each; training must outlast it."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        self.count, self.seed, self.process = count, seed, None
+        self.finished_during_training, self.output = False, ""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        host, port = trainer.strategy.server.address
+        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from tests.helpers import fire_frames; "
+                f"print(fire_frames({host!r}, {port}, {self.count}, {self.seed}))")
+        self.process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.finished_during_training = self.process.poll() is not None
+        self.output, _ = self.process.communicate(timeout=120)
+
+
+def test_fuzzing_a_live_server_does_not_disturb_a_training_worker(tmp_path, monkeypatch):
+    fuzzer = Fuzzer(count=3000, seed=7)
+    original = training.instantiate_callbacks
+    monkeypatch.setattr(training, "instantiate_callbacks", lambda c: original(c) + [fuzzer])
+    cfg = compose_config(tmp_path, [*RUN, "data.options.train_size=2176", "trainer.max_epochs=6", "test_after_fit=false",
+                                    "strategy=parameter_server", "strategy.workers=1"])
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    metrics = train(cfg)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert metrics["status"] == "completed" and metrics["global_step"] == 6 * 32
+    assert fuzzer.output.strip() == "3000" and fuzzer.finished_during_training, "every frame arrived while the worker trained"
+    report = json.loads((tmp_path / "run" / "parameter_server" / "report.json").read_text())
+    assert report["local_worker_exit_codes"] == {"local-0": 0}
+    assert all(epoch["every_sample_exactly_once"] for epoch in report["epochs"])
+    turned_away = sum(report["refused_connections"].values())
+    assert turned_away >= 2900, report["refused_connections"]  # a few may have closed before the server read them
+    assert len(report["recent_refusals"]) <= 50 and grown_mib < 300, grown_mib
+    assert [e["event"] for e in report["events"]].count("joined") == 1  # no fuzz frame became a worker
+    assert not worker_processes()
