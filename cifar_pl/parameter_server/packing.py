@@ -31,7 +31,9 @@ class FlatState:
     def _flatten(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
         if not tensors:
             return torch.zeros(0, dtype=dtype)
-        return torch.cat([t.detach().reshape(-1).to("cpu", dtype) for t in tensors])
+        with torch.no_grad():
+            flat = torch.cat([t.reshape(-1) for t in tensors])  # reshape copies only the channels-last ones
+        return flat.to("cpu", dtype)
 
     @staticmethod
     def _assign(tensors: list[Tensor], flat: Tensor) -> None:

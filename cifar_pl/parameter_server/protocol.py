@@ -244,8 +244,14 @@ def _set_deadline(sock: socket.socket, deadline: float, error: type[ProtocolErro
 
 def send_message(sock: socket.socket, message: Message, timeout: float) -> None:
     """Send one frame with a gather write; the whole send must finish within ``timeout`` seconds."""
-    views = [memoryview(part) for part in encode(message)]
-    total, kind = sum(v.nbytes for v in views), MessageType(message.type).name
+    send_parts(sock, encode(message), timeout, MessageType(message.type).name)
+
+
+def send_parts(sock: socket.socket, parts: list[bytes | memoryview], timeout: float, kind: str = "frames") -> None:
+    """Send already-encoded frames (``encode``'s output, or several frames' concatenated) in gather writes,
+    within ``timeout`` seconds: one encoding can then go to many peers, one syscall can carry two frames."""
+    views = [memoryview(part) for part in parts]
+    total = sum(v.nbytes for v in views)
     deadline = time.monotonic() + timeout
     previous = sock.gettimeout()
     what = f"sending {kind} did not finish within {timeout} s: the peer stopped reading"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import queue
 import selectors
 import socket
@@ -73,8 +74,11 @@ class Connection:
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, message: Message, timeout: float) -> None:
+        self.send_parts(wire.encode(message), timeout)
+
+    def send_parts(self, parts: list[bytes | memoryview], timeout: float) -> None:
         with self.send_lock:
-            wire.send_message(self.sock, message, timeout)
+            wire.send_parts(self.sock, parts, timeout)
 
     def close(self) -> None:
         self.alive = False
@@ -90,6 +94,7 @@ class Assignment:
     id: int
     worker: Connection
     micro_batches: list[int]  # positions in the round's list of micro-batches
+    indices: Tensor  # their sample indices, concatenated
     sent: float
     deadline: float
     final: bool  # past this deadline the worker is taken for dead, not merely late
@@ -139,6 +144,7 @@ class ParameterServer:
         self._assignment_ids = itertools.count(1)
         self._pending = threading.BoundedSemaphore(settings.max_pending)
         self._stopping = threading.Event()
+        self._params_cache: tuple[int, list[bytes | memoryview]] | None = None
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self.round = 0
@@ -256,6 +262,10 @@ class ParameterServer:
                 if not selector.select(timeout=0.5):
                     continue
                 message = wire.recv_message(conn.sock, self.settings.max_frame, timeout=self.settings.frame_timeout)
+                if message.type == MessageType.GRADS:
+                    # checked here, in parallel with the round's sends: a sum is NaN or infinite whenever any
+                    # element is (or the values are absurdly large)
+                    message.meta["_finite"] = all(math.isfinite(float(t.sum())) for t in message.tensors[:2])
                 self._inbox.put((conn, message))
         except (wire.ProtocolError, OSError, ValueError) as error:
             if conn.alive and not self._stopping.is_set():
@@ -309,21 +319,22 @@ class ParameterServer:
         inflight: dict[int, Assignment] = {}
 
         def assign(conn: Connection, positions: list[int]) -> None:
+            """Send the worker the current parameters (unless it has them) and its micro-batches, in one write."""
             t = time.perf_counter()
-            if conn.version != version:
-                params = self.flat.params_flat()
-                floats, ints = self.flat.buffers_flat()
-                conn.send(Message(MessageType.PARAMS, {"version": version}, [params, floats, ints]), self.settings.frame_timeout)
-                conn.version = version
             chosen = [micro_batches[i] for i in positions]
             queued = 1 + sum(1 for a in inflight.values() if a.worker is conn)  # it answers them in turn
             final = self.settings.straggler == "wait"
             patience = self.settings.worker_timeout if final else self.settings.round_timeout * queued
             now = time.monotonic()
-            assignment = Assignment(next(self._assignment_ids), conn, positions, now, now + patience, final)
+            indices = torch.cat(chosen).to(torch.int64)
+            assignment = Assignment(next(self._assignment_ids), conn, positions, indices, now, now + patience, final)
             meta = {"round": self.round, "assignment": assignment.id, "epoch": epoch}
             sizes = torch.tensor([len(mb) for mb in chosen], dtype=torch.int64)
-            conn.send(Message(MessageType.ASSIGN, meta, [torch.cat(chosen).to(torch.int64), sizes]), self.settings.frame_timeout)
+            parts = wire.encode(Message(MessageType.ASSIGN, meta, [indices, sizes]))
+            if conn.version != version:
+                parts = self._params_frame(version) + parts
+            conn.send_parts(parts, self.settings.frame_timeout)
+            conn.version = version
             inflight[assignment.id] = assignment
             timings["send"] += time.perf_counter() - t
 
@@ -430,8 +441,7 @@ class ParameterServer:
             if conn.name not in contributors:
                 contributors.append(conn.name)
                 self.contributions[conn.name] += 1
-            for i in assignment.micro_batches:
-                self.accounting.used(epoch, micro_batches[i])
+            self.accounting.used(epoch, assignment.indices)
             timings["aggregate"] += time.perf_counter() - t
 
         t = time.perf_counter()
@@ -446,15 +456,24 @@ class ParameterServer:
             inflight.pop(assignment.id)
             reassign(assignment, f"{conn.name} left")
 
+    def _params_frame(self, version: int) -> list[bytes | memoryview]:
+        """The PARAMS frame for ``version``, flattened and encoded once and sent to every worker."""
+        if self._params_cache is None or self._params_cache[0] != version:
+            floats, ints = self.flat.buffers_flat()
+            message = Message(MessageType.PARAMS, {"version": version}, [self.flat.params_flat(), floats, ints])
+            self._params_cache = (version, wire.encode(message))
+        return self._params_cache[1]
+
     def _check_contribution(self, message: Message, expected_samples: int) -> str | None:
         meta, tensors = message.meta, message.tensors
         if len(tensors) != 3 or not self.flat.shapes_match(*tensors):
             return "gradient tensors do not match the model's shapes"
         if meta.get("samples") != expected_samples:
             return f"covers {meta.get('samples')} samples, {expected_samples} were assigned"
-        if not isinstance(meta.get("loss_sum"), (int, float)) or not isinstance(meta.get("correct"), int):
+        loss = meta.get("loss_sum")
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not isinstance(meta.get("correct"), int):
             return "missing loss or accuracy statistics"
-        if not (torch.isfinite(tensors[0]).all() and torch.isfinite(tensors[1]).all()) or not torch.isfinite(torch.tensor(float(meta["loss_sum"]))):
+        if not (math.isfinite(loss) and meta.get("_finite")):
             return "NaN or Inf in the gradient"
         return None
 
