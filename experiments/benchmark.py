@@ -2,6 +2,7 @@
 
     python experiments/benchmark.py pipeline [--batches N] [--repeats R]
     python experiments/benchmark.py strategies [--steps N] [--repeats R] [--threads T]
+    python experiments/benchmark.py server-load [--workers N] [--params P] [--seconds S]
 
 pipeline: one training epoch's worth of steps of the real pipeline (this project's DataModule,
 LightningModule, Trainer and callbacks from the default config, on CIFAR-sized synthetic data) against a
@@ -14,6 +15,12 @@ with 2 processes and the parameter server with 2 workers, through the project's 
 same threads per process; throughput in samples/s, the ratio parameter server / DDP (goal: at least
 0.95), and the server's median time per round: send, receive (the workers' compute included), average,
 and its optimizer step between rounds.
+
+server-load: the real parameter server against N simulated workers on 127.0.0.1 (real protocol and
+gradient sizes, no model compute), rounds driven back to back for a bounded time: rounds/s, p50/p99 round
+latency, the server's peak memory, and, as a bound measured in the same run, how many rounds/s copying
+each round's bytes once through memory would allow. Goal with 8 workers and the default model: 1,000
+rounds/s.
 """
 
 from __future__ import annotations
@@ -222,6 +229,193 @@ def strategies(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _simulated_workers(host: str, port: int, count: int, sizes: tuple[int, int, int], max_frame: int, ready: Any) -> None:
+    """``count`` workers in one process: real connections, handshake and frames, gradients of the real sizes,
+    no model compute (each answers an assignment at once with a preallocated gradient)."""
+    import socket
+    import threading
+
+    from cifar_pl.parameter_server import protocol as wire
+
+    torch.set_num_threads(1)
+    grads, floats, ints = torch.zeros(sizes[0]), torch.zeros(sizes[1]), torch.zeros(sizes[2], dtype=torch.int64)
+
+    def serve(i: int) -> None:
+        sock = socket.create_connection((host, port), timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        wire.client_handshake(sock, {"name": f"simulated-{i}"}, None, 30, max_frame)
+        ready.put(i)
+        try:
+            while True:
+                message = wire.recv_message(sock, max_frame, timeout=60, idle_timeout=600)
+                if message.type == wire.MessageType.ASSIGN:
+                    meta = {"round": message.meta["round"], "assignment": message.meta["assignment"],
+                            "samples": len(message.tensors[0]), "loss_sum": 0.0, "correct": 0}
+                    wire.send_message(sock, wire.Message(wire.MessageType.GRADS, meta, [grads, floats, ints]), 60)
+                elif message.type == wire.MessageType.DONE:
+                    return
+        except wire.ProtocolError:
+            return
+        finally:
+            sock.close()
+
+    threads = [threading.Thread(target=serve, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+class _FlatModel(torch.nn.Module):
+    """A model of ``params`` parameters in a few tensors (no compute happens in this benchmark)."""
+
+    def __init__(self, params: int) -> None:
+        super().__init__()
+        chunk = max(1, params // 8)
+        self.weights = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(chunk)) for _ in range(params // chunk)])
+
+
+def _copy_bound(bytes_per_round: int, repeats: int = 20) -> float:
+    """Rounds/s if a round cost nothing but copying its bytes once through memory (a hard upper bound)."""
+    src, dst = torch.empty(bytes_per_round, dtype=torch.uint8), torch.empty(bytes_per_round, dtype=torch.uint8)
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    return repeats / (time.perf_counter() - start)
+
+
+def _echo_workers(host: str, port: int, count: int, size: int) -> None:
+    """The naive baseline's workers: read ``size`` bytes, send ``size`` bytes back, forever."""
+    import socket
+    import threading
+
+    def serve() -> None:
+        sock = socket.create_connection((host, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buffer, reply = bytearray(size), bytes(size)
+        view = memoryview(buffer)
+        try:
+            while True:
+                got = 0
+                while got < size:
+                    n = sock.recv_into(view[got:])
+                    if not n:
+                        return
+                    got += n
+                sock.sendall(reply)
+        except OSError:
+            return
+
+    threads = [threading.Thread(target=serve, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _naive_rounds_per_s(workers: int, size: int, processes: int, seconds: float) -> float:
+    """A naive sequential server moving the same bytes: each round, send every worker ``size`` bytes (its
+    parameters), then read ``size`` bytes back from each (its gradient); no protocol, no checks, no sums."""
+    import multiprocessing as mp
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    host, port = listener.getsockname()[:2]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_echo_workers, args=(host, port, n, size), daemon=True)
+             for n in (len(range(p, workers, processes)) for p in range(processes))]
+    for proc in procs:
+        proc.start()
+    conns = [listener.accept()[0] for _ in range(workers)]
+    payload, buffer = bytes(size), bytearray(size)
+    view = memoryview(buffer)
+    rounds, deadline = 0, time.perf_counter() + seconds
+    start = time.perf_counter()
+    while time.perf_counter() < deadline:
+        for conn in conns:
+            conn.sendall(payload)
+        for conn in conns:
+            got = 0
+            while got < size:
+                got += conn.recv_into(view[got:])
+        rounds += 1
+    elapsed = time.perf_counter() - start
+    for conn in conns:
+        conn.close()
+    listener.close()
+    for proc in procs:
+        proc.join(timeout=10)
+    return rounds / elapsed
+
+
+def server_load(args: argparse.Namespace) -> dict[str, Any]:
+    import multiprocessing as mp
+    import resource
+
+    from cifar_pl.parameter_server.accounting import SampleAccounting
+    from cifar_pl.parameter_server.server import ParameterServer, ServerSettings
+
+    quiet_third_party_noise()
+    torch.set_num_threads(1)
+    module = _FlatModel(args.params) if args.params else build_network("cnn", 3, 10)
+    settings = ServerSettings(round_timeout=60.0, max_frame=1 << 30)
+    server = ParameterServer(module, settings, lambda hello: None, SampleAccounting(1 << 20))
+    host, port = server.start()
+    flat = server.flat
+    sizes = (flat.num_params, flat.num_float_buffers, flat.num_int_buffers)
+    processes = max(1, min(args.workers, args.processes))
+    ctx, ready = mp.get_context("spawn"), None
+    ready = ctx.Queue()
+    procs = [ctx.Process(target=_simulated_workers, args=(host, port, n, sizes, settings.max_frame, ready), daemon=True)
+             for n in (len(range(p, args.workers, processes)) for p in range(processes))]
+    for proc in procs:
+        proc.start()
+    for _ in range(args.workers):
+        ready.get(timeout=120)
+    server.wait_for_workers(args.workers, 60)
+    # one round: every worker gets K micro-batches of 32 sample indices (never images)
+    micro_batches = list(torch.arange(args.workers * args.micro_batches * 32).split(32))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    latencies, version, deadline = [], 0, time.perf_counter() + args.seconds
+    started = time.perf_counter()
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        server.run_round(epoch=version // 1000, micro_batches=micro_batches, version=version)
+        latencies.append(time.perf_counter() - t)
+        version += 1  # new parameters every round, as after every optimizer step
+    elapsed = time.perf_counter() - started
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    server.stop("benchmark over")
+    for proc in procs:
+        proc.join(timeout=10)
+    latencies.sort()
+    param_bytes = 4 * (sizes[0] + sizes[1]) + 8 * sizes[2]
+    bytes_per_round = 2 * args.workers * param_bytes  # parameters out and gradients in, per worker
+    bound = _copy_bound(bytes_per_round)
+    naive = _naive_rounds_per_s(args.workers, param_bytes, processes, min(args.seconds, 5.0))
+    result = {
+        "rounds_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 3),
+        "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 3),
+        "peak_mib": round(peak_mib, 1),
+        "peak_growth_mib": round(peak_mib - rss_before / 1024, 1),
+        "workers": args.workers,
+        "params": sizes[0],
+        "mb_per_round": round(bytes_per_round / 2**20, 2),
+        "copy_bound_rounds_per_s": round(bound, 1),
+        "naive_socket_rounds_per_s": round(naive, 1),
+        "vs_naive": round(len(latencies) / elapsed / naive, 3),
+        "rounds": len(latencies),
+        "seconds": round(elapsed, 2),
+    }
+    print(f"{args.workers} simulated workers, {sizes[0]:,} parameters: {result['rounds_per_s']} rounds/s, "
+          f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, peak {result['peak_mib']} MiB; "
+          f"copying {result['mb_per_round']} MB once per round would allow {bound:.0f} rounds/s; a naive sequential "
+          f"server moving the same bytes over raw sockets does {naive:.0f} rounds/s")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
@@ -235,6 +429,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--repeats", type=int, default=3, help="alternating runs of each (medians are kept)")
     s.add_argument("--threads", type=int, default=1, help="CPU threads per process (default 1: 2 processes on 2 cores)")
     s.set_defaults(run=strategies)
+    load = sub.add_parser("server-load", help="the real server against simulated workers on 127.0.0.1 (no model compute)")
+    load.add_argument("--workers", type=int, default=8)
+    load.add_argument("--params", type=int, default=0, help="model size (default: the improved CNN, 104,362)")
+    load.add_argument("--seconds", type=float, default=10.0, help="how long to drive rounds")
+    load.add_argument("--micro-batches", type=int, default=4, help="micro-batches per worker per round")
+    load.add_argument("--processes", type=int, default=4, help="processes hosting the simulated workers")
+    load.set_defaults(run=server_load)
     args = parser.parse_args(argv)
     print(json.dumps(args.run(args)))
 
