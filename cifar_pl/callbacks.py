@@ -102,11 +102,14 @@ class GracefulInterrupt(Callback):
               f"(Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self._requested:
-            return
         ends_step = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
-        if ends_step:
-            raise KeyboardInterrupt(self._requested)  # Lightning's graceful path: on_exception (checkpoint), exit
+        if not ends_step:
+            return
+        stop = bool(self._requested)
+        if trainer.world_size > 1:  # DDP ranks must stop at the same step, or the next all-reduce hangs
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            raise KeyboardInterrupt(self._requested or "stop")  # Lightning's graceful path: on_exception, exit
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()

@@ -208,6 +208,9 @@ def run_worker(cfg: DictConfig) -> dict[str, Any]:
         code = Worker(model.to(device), datamodule, resolve_precision(cfg.trainer.precision, accelerator), worker_settings).run()
     except (wire.ProtocolError, ConnectionError) as error:
         raise ConfigurationError(f"worker {name} stopped: {error}") from None
+    except KeyboardInterrupt:
+        log.warning("worker %s stopped by Ctrl-C; the server hands its share to the other workers", name)
+        raise SystemExit(130) from None
     return {"status": "completed" if code == 0 else "failed", "role": "worker"}
 
 

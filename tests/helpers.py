@@ -197,14 +197,17 @@ class SignalSelfAt(L.Callback):
     """Sends this very process a real signal (SIGINT, SIGTERM, SIGKILL) as batch ``batch`` of epoch
     ``epoch`` starts (a round, on a parameter server)."""
 
-    def __init__(self, epoch: int, batch: int, signal: str) -> None:
-        self.epoch, self.batch, self.signal = epoch, batch, signal
+    def __init__(self, epoch: int, batch: int, signal: str, group: bool = False) -> None:
+        self.epoch, self.batch, self.signal, self.group = epoch, batch, signal, group
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             import signal as signals
 
-            os.kill(os.getpid(), getattr(signals, self.signal))
+            if self.group:  # as Ctrl-C in a terminal: the whole process group (start it in a session of its own)
+                os.killpg(os.getpgid(0), getattr(signals, self.signal))
+            else:
+                os.kill(os.getpid(), getattr(signals, self.signal))
 
 
 def free_port() -> int:

@@ -158,3 +158,23 @@ def test_fuzzing_a_live_server_does_not_disturb_a_training_worker(tmp_path, monk
     assert len(report["recent_refusals"]) <= 50 and grown_mib < 300, grown_mib
     assert [e["event"] for e in report["events"]].count("joined") == 1  # no fuzz frame became a worker
     assert not worker_processes()
+
+
+def test_ctrl_c_on_a_local_parameter_server_run_stops_it_cleanly(tmp_path):
+    """Ctrl-C reaches the whole process group, local workers included: the server finishes its round, saves
+    last.ckpt and tells the workers to stop; nothing hangs or is left running."""
+    run = tmp_path / "run"
+    chaos = ["+callbacks.chaos._target_=tests.helpers.SignalSelfAt", "+callbacks.chaos.epoch=1",
+             "+callbacks.chaos.batch=1", "+callbacks.chaos.signal=SIGINT", "+callbacks.chaos.group=true"]
+    started = time.monotonic()
+    process = _train_py([*RUN, "trainer.max_epochs=3", "strategy=parameter_server", "strategy.workers=2", *chaos,
+                         f"hydra.run.dir={run}"], tmp_path, start_new_session=True)
+    code, output = _finish(process, timeout=120)
+    assert code == 1 and time.monotonic() - started < 90, output[-3000:]
+    assert "SIGINT: stopping at the end of this optimizer step" in output
+    last = _ckpt(run / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (1, 3 + 2)  # 3 rounds per epoch; stopped after round 1 of epoch 1
+    report = json.loads((run / "parameter_server" / "report.json").read_text())
+    assert report["local_worker_exit_codes"] == {"local-0": 0, "local-1": 0}
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+    assert not worker_processes()

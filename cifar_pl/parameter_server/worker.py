@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -240,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     if args.parent_pid:
         _exit_with_parent(args.parent_pid)
+        # Ctrl-C in a terminal reaches the whole process group: the server finishes its round, saves and
+        # then tells its workers to stop, so they must not quit under it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     with open(args.spec) as f:
         spec = json.load(f)
     torch.set_num_threads(int(spec["threads"]))
