@@ -191,7 +191,7 @@ def time_strategy(workdir: Path, name: str, overrides: list[str], steps: int, th
 
 STRATEGY_DATA = ["data=synthetic", "data.options.train_size=20000", "data.options.test_size=1000", "data.val_size=1000",
                  "trainer.accelerator=cpu", "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null",
-                 "+trainer.enable_checkpointing=false", "test_after_fit=false"]
+                 "callbacks.recovery_checkpoint=null", "+trainer.enable_checkpointing=false", "test_after_fit=false"]
 WARMUP_STEPS = 5
 
 
