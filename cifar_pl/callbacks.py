@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.connectors.data_connector import _set_sampler_epoch
 
+from cifar_pl.classifier import ends_optimizer_step
+
 
 class EpochTimer(Callback):
     """Logs each epoch's wall time (training plus validation) as ``time/epoch_seconds`` and keeps the
@@ -79,12 +81,13 @@ class GracefulInterrupt(Callback):
     in the middle of a step or an accumulation window, so the checkpoint written on the way out
     (``last.ckpt``: ``save_on_exception``) holds a consistent step and resuming from it continues at the
     same epoch, step and learning rate, with no gradient half-accumulated and lost. A second Ctrl-C stops
-    at once.
+    at once. With several DDP processes, they stop together at the next multiple of ``sync_every_n_steps``.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, sync_every_n_steps: int = 10) -> None:
+        self.sync_every_n_steps = sync_every_n_steps
         self._requested: str | None = None
         self._previous: dict[int, Any] = {}
 
@@ -95,18 +98,23 @@ class GracefulInterrupt(Callback):
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._requested and signum == signal.SIGINT:  # pressed twice: stop now
-            raise KeyboardInterrupt
+        if self._requested:
+            if signum == signal.SIGINT:  # pressed twice: stop now
+                raise KeyboardInterrupt
+            return  # a SIGTERM on top (e.g. passed on by a DDP launcher) asks for nothing new
         self._requested = signal.Signals(signum).name
         print(f"\n{self._requested}: stopping at the end of this optimizer step and saving last.ckpt "
               f"(Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        ends_step = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
-        if not ends_step:
+        if not ends_optimizer_step(trainer, batch_idx):
             return
         stop = bool(self._requested)
-        if trainer.world_size > 1:  # DDP ranks must stop at the same step, or the next all-reduce hangs
+        if trainer.world_size > 1:
+            # DDP ranks must stop at the same step, or the next all-reduce hangs: they agree every few
+            # steps (a collective with a host sync: not on every step of a fast GPU run)
+            if trainer.global_step % self.sync_every_n_steps:
+                return
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
             raise KeyboardInterrupt(self._requested or "stop")  # Lightning's graceful path: on_exception, exit
@@ -120,7 +128,8 @@ class GracefulInterrupt(Callback):
     def _restore(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
+                if signal.getsignal(sig) == self._on_signal:  # not one installed after ours, on purpose
+                    signal.signal(sig, handler)
         self._previous = {}
 
 

@@ -17,6 +17,11 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from cifar_pl.models import build_network, count_parameters
 
 
+def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
+    """True on the micro-batch that closes an accumulation window: its optimizer step follows."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
+
+
 class ImageClassifier(L.LightningModule):
     """Trains one of ``cifar_pl.models.NETWORKS``.
 
@@ -88,8 +93,7 @@ class ImageClassifier(L.LightningModule):
         an accumulation window, every ``log_every_n_steps`` optimizer steps. Logging on other batches costs
         ~0.25 ms each and would show only in the progress bar."""
         trainer = self.trainer
-        ends_window = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
-        return ends_window and (self.global_step + 1) % trainer.log_every_n_steps == 0
+        return ends_optimizer_step(trainer, batch_idx) and (self.global_step + 1) % trainer.log_every_n_steps == 0
 
     def on_train_epoch_end(self) -> None:
         loss_sum, correct, count = self.trainer.strategy.reduce(self.train_sums.clone(), reduce_op="sum").tolist()

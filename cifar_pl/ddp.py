@@ -10,20 +10,74 @@ process per device themselves, it is plain Lightning DDP.
 from __future__ import annotations
 
 import io
-from typing import Any
+import logging
+import os
+import signal
+import threading
+from typing import Any, Callable
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.call import _interrupt  # Lightning's own handling of an interrupted fit
+from torch.multiprocessing.spawn import ProcessException
 
 from cifar_pl.runtime import available_cores, quiet_third_party_noise
+
+log = logging.getLogger(__name__)
 
 
 class _StateReturningLauncher(_MultiProcessingLauncher):
     """Brings the fit loop's and the callbacks' ``state_dict`` back from rank 0 (Lightning brings only the
-    weights, the trainer state and the callback metrics)."""
+    weights, the trainer state and the callback metrics), and leaves stopping to the ranks: on Ctrl-C or
+    SIGTERM this process asks every rank to stop gracefully (SIGTERM: stop at an agreed step and save) and
+    waits for them, instead of quitting under them."""
+
+    def launch(self, function: Callable, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        received: list[str] = []
+
+        def stop_ranks(signum: int, frame: Any) -> None:
+            received.append(signal.Signals(signum).name)
+            for process in self.procs:
+                if process.is_alive():
+                    os.kill(process.pid, signal.SIGTERM)
+
+        previous = {sig: signal.signal(sig, stop_ranks) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            result = super().launch(function, *args, trainer=trainer, **kwargs)
+        except ProcessException as error:
+            if received:  # the ranks died after they were asked to stop: an interrupted run, not a crash
+                log.warning("%s: the training processes did not stop cleanly: %s", received[0], error)
+                raise KeyboardInterrupt(received[0]) from error
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if trainer is not None and trainer.interrupted:  # the ranks stopped and saved (state from rank 0)
+            raise KeyboardInterrupt(received[0] if received else "interrupted")  # exit status 1, as one process
+        return result
+
+    def _wrapping_function(self, process_idx: int, trainer: L.Trainer | None, function: Callable, *args: Any, **kwargs: Any) -> None:
+        """In each rank, an interrupt takes the path Lightning gives it in a single process (callbacks'
+        on_exception: last.ckpt; status interrupted), and rank 0's results still go back to this process."""
+
+        def stop_gracefully(*fn_args: Any, **fn_kwargs: Any) -> Any:
+            try:
+                return function(*fn_args, **fn_kwargs)
+            except KeyboardInterrupt as exception:
+                if trainer is None:
+                    raise
+                for sig in (signal.SIGINT, signal.SIGTERM):  # saving now: a late signal must not cut it short
+                    signal.signal(sig, signal.SIG_IGN)
+                _interrupt(trainer, exception)
+                trainer._teardown()
+                return None
+
+        super()._wrapping_function(process_idx, trainer, stop_gracefully, *args, **kwargs)
 
     def get_extra_results(self, trainer: L.Trainer) -> dict[str, Any]:
         extra = super().get_extra_results(trainer)
@@ -56,6 +110,14 @@ class SpawnDDPStrategy(DDPStrategy):
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
             self._launcher = _StateReturningLauncher(self, start_method="spawn")
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if not torch.distributed.is_initialized():
+            # the launching process holds no trained weights (its ranks do); when the fit fails or is
+            # interrupted, its callbacks' save_on_exception must not overwrite rank 0's last.ckpt
+            log.debug("not saving %s from the launching process", filepath)
+            return
+        super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def setup_environment(self) -> None:
         quiet_third_party_noise()  # in spawned processes too

@@ -163,20 +163,37 @@ def tensorboard_hparams(log_dir: Path) -> list[dict[str, object]]:
 
 # --- parameter server ---------------------------------------------------------------------------------
 
-def worker_processes() -> list[int]:
-    """PIDs of parameter-server worker processes still running on this machine."""
-    pids = []
+def _live_processes() -> dict[int, tuple[bytes, int]]:
+    """{pid: (command line, parent pid)} of every running (not zombie) process on this machine."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes()
-            state = (proc / "stat").read_text().split(")")[-1].split()[0]
+            fields = (proc / "stat").read_text().rsplit(")", 1)[-1].split()
         except OSError:
             continue
-        if b"cifar_pl.parameter_server.worker" in cmdline and state != "Z":
-            pids.append(int(proc.name))
-    return pids
+        if fields[0] != "Z":
+            found[int(proc.name)] = (cmdline, int(fields[1]))
+    return found
+
+
+def worker_processes() -> list[int]:
+    """PIDs of parameter-server worker processes still running on this machine."""
+    return [pid for pid, (cmdline, _) in _live_processes().items() if b"cifar_pl.parameter_server.worker" in cmdline]
+
+
+# what the project starts: train.py/evaluate.py, parameter-server workers, DDP ranks and benchmark helpers
+_PROJECT_MARKERS = (b"train.py", b"evaluate.py", b"cifar_pl.parameter_server", b"multiprocessing.spawn",
+                    b"experiments/benchmark.py")
+
+
+def project_processes() -> set[int]:
+    """PIDs of this test session's children and of every process the project starts, still running."""
+    me = os.getpid()
+    return {pid for pid, (cmdline, parent) in _live_processes().items()
+            if pid != me and (parent == me or any(m in cmdline for m in _PROJECT_MARKERS))}
 
 
 class KillWorkerAt(L.Callback):
@@ -201,7 +218,7 @@ class SignalSelfAt(L.Callback):
         self.epoch, self.batch, self.signal, self.group = epoch, batch, signal, group
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch and trainer.global_rank == 0:
             import signal as signals
 
             if self.group:  # as Ctrl-C in a terminal: the whole process group (start it in a session of its own)

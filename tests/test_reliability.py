@@ -37,6 +37,8 @@ def _finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        if os.getpgid(process.pid) == process.pid:  # started in a session of its own: kill what it started too
+            os.killpg(process.pid, signal.SIGKILL)
         process.kill()
         output, _ = process.communicate()
     return process.returncode, output
@@ -178,3 +180,22 @@ def test_ctrl_c_on_a_local_parameter_server_run_stops_it_cleanly(tmp_path):
     assert report["local_worker_exit_codes"] == {"local-0": 0, "local-1": 0}
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
     assert not worker_processes()
+
+
+def test_ctrl_c_on_a_ddp_run_stops_every_rank_at_the_same_step(tmp_path):
+    """Ctrl-C reaches the main process and both spawned ranks: the ranks agree on a step, stop there and
+    rank 0 saves last.ckpt from the trained model; the main process waits for them instead of saving its
+    own (untrained) copy; nothing hangs in an all-reduce or is left running."""
+    run = tmp_path / "run"
+    chaos = ["+callbacks.chaos._target_=tests.helpers.SignalSelfAt", "+callbacks.chaos.epoch=1",
+             "+callbacks.chaos.batch=1", "+callbacks.chaos.signal=SIGINT", "+callbacks.chaos.group=true"]
+    started = time.monotonic()
+    process = _train_py([*RUN, "trainer.max_epochs=3", "strategy=ddp", "trainer.devices=2",
+                         "callbacks.graceful_interrupt.sync_every_n_steps=1", *chaos, f"hydra.run.dir={run}"],
+                        tmp_path, start_new_session=True)
+    code, output = _finish(process, timeout=120)
+    assert code == 1 and time.monotonic() - started < 90, output[-3000:]
+    assert "SIGINT: stopping at the end of this optimizer step" in output
+    last = _ckpt(run / "checkpoints" / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (1, 3 + 1), output[-4000:]  # 12 batches per rank = 3 steps per epoch
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
