@@ -6,12 +6,12 @@ that folder is on another file system, e.g. a tmpfs /tmp, the move is a copy and
 from __future__ import annotations
 
 import io
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from cifar_pl.files import write_atomically
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -20,16 +20,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options; got {storage_options!r}")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # serialise first: a failure here touches no file at all
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(path, buffer.getbuffer())

@@ -24,7 +24,7 @@ from cifar_pl.classifier import ImageClassifier  # noqa: E402
 from cifar_pl.data import ImageDataModule  # noqa: E402
 from cifar_pl.errors import ConfigurationError  # noqa: E402
 from cifar_pl.runtime import configure_threads, quiet_third_party_noise, resolve_precision  # noqa: E402
-from cifar_pl.training import write_json  # noqa: E402
+from cifar_pl.files import write_json  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,6 @@ test the best checkpoint, and write ``metrics.json`` into the run directory (als
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -24,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from cifar_pl.callbacks import EpochTimer
 from cifar_pl.cli import in_multirun
 from cifar_pl.errors import ConfigurationError
+from cifar_pl.files import write_json
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.worker import Worker, WorkerSettings
 from cifar_pl.runtime import configure_threads, quiet_third_party_noise, resolve_precision, uses_cuda
@@ -40,14 +40,6 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
 
 def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically (temporary file, then rename) so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
 
 
 def _find(trainer: L.Trainer, kind: type) -> Any:

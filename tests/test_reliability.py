@@ -9,10 +9,8 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 
 import cifar_pl.training as training
 from cifar_pl.training import train
-from tests.helpers import REPO, TINY_SYNTHETIC, compose_config, free_port, malformed_frames, worker_processes
+from tests.helpers import REPO, TINY_SYNTHETIC, compose_config, free_port, worker_processes
 
 RUN = [*TINY_SYNTHETIC, "data.batch_size=16", "trainer.enable_progress_bar=false"]  # 24 batches = 6 steps per epoch
 

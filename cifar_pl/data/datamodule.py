@@ -8,7 +8,6 @@ from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader
 
 from cifar_pl.data.arrays import ImageArrays, IndexedImages, keep_batch

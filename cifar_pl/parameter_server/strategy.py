@@ -12,7 +12,6 @@ schedule is the same however many workers come and go.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch import Tensor
 
 from cifar_pl.errors import ConfigurationError
+from cifar_pl.files import write_json
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.accounting import SampleAccounting
 from cifar_pl.parameter_server.launch import LocalWorkers
@@ -288,8 +288,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             "timeouts": {"frame_timeout": self.settings.frame_timeout, "max_frame": self.settings.max_frame,
                          "reconnect_timeout": self.reconnect_timeout},
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(spec, indent=2))
+        write_json(path, spec)
         return path
 
     def _shutdown(self, reason: str) -> None:
@@ -326,6 +325,5 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             "recent_refusals": server.recent_refusals,
         }
         path = Path(self.lightning_module.trainer.default_root_dir) / "parameter_server" / "report.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
+        write_json(path, report)
         log.info("parameter server report: %s", path)
