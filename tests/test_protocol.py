@@ -23,6 +23,8 @@ from cifar_pl.parameter_server.protocol import (
     ALLOWED_DTYPES,
     DEFAULT_MAX_FRAME,
     HEADER,
+    FrameReader,
+    FrameWriter,
     MAGIC,
     MAX_META,
     PROTOCOL_VERSION,
@@ -284,7 +286,7 @@ def test_a_peer_closing_between_frames_or_inside_the_header_is_peer_closed(pair)
     a, b = pair
     a.sendall(MAGIC)
     a.close()
-    with pytest.raises(PeerClosed, match="12 of 15 bytes of the header missing"):
+    with pytest.raises(PeerClosed, match="12 of 16 bytes of the header missing"):
         recv_message(b, DEFAULT_MAX_FRAME, TIMEOUT)
     with pytest.raises(PeerClosed, match="closed the connection"):
         recv_message(b, DEFAULT_MAX_FRAME, TIMEOUT)
@@ -334,6 +336,92 @@ def test_sending_to_a_closed_peer_is_peer_closed(pair) -> None:
     b.close()
     with pytest.raises(PeerClosed):
         send_message(a, Message(MessageType.DONE), TIMEOUT)
+
+
+# --- FrameReader and FrameWriter: the non-blocking, buffer-reusing path of long-lived connections ----------
+
+def test_a_reader_pops_every_frame_that_arrived_in_one_read(pair) -> None:
+    a, b = pair
+    b.setblocking(False)
+    reader = FrameReader(DEFAULT_MAX_FRAME)
+    assert reader.read(b) is False  # nothing there yet: no error, no message
+    a.sendall(b"".join(frame_bytes(Message(MessageType.GRADS, {"i": i}, [torch.full((4,), float(i))])) for i in range(3)))
+    time.sleep(0.05)
+    assert reader.read(b) is True
+    got = [reader.pop(), reader.pop(), reader.pop()]
+    assert reader.pop() is None and not reader.partial
+    assert [m.meta for m in got] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert [m.tensors[0].tolist() for m in got] == [[0.0] * 4, [1.0] * 4, [2.0] * 4]
+
+
+def test_a_reader_assembles_a_frame_larger_than_its_buffer_from_many_reads(pair) -> None:
+    a, b = pair
+    b.setblocking(False)
+    reader = FrameReader(DEFAULT_MAX_FRAME, capacity=1024)
+    big = torch.arange(300_000, dtype=torch.float32)
+    blob = frame_bytes(Message(MessageType.PARAMS, {"v": 1}, [big])) + frame_bytes(Message(MessageType.DONE))
+    sender = threading.Thread(target=a.sendall, args=(blob,))
+    sender.start()
+    messages, deadline = [], time.monotonic() + TIMEOUT
+    while len(messages) < 2 and time.monotonic() < deadline:
+        if reader.read(b):
+            while (message := reader.pop()) is not None:
+                messages.append((message.type, message.meta, [t.clone() for t in message.tensors]))
+        else:
+            time.sleep(0.001)
+    sender.join(TIMEOUT)
+    assert [(kind, meta) for kind, meta, _ in messages] == [(MessageType.PARAMS, {"v": 1}), (MessageType.DONE, {})]
+    assert torch.equal(messages[0][2][0], big)
+
+
+def test_a_reader_checks_the_cap_and_says_what_is_missing(pair) -> None:
+    a, b = pair
+    reader = FrameReader(max_frame=64)
+    a.sendall(frame_bytes(Message(MessageType.GRADS, {}, [torch.ones(100)])))
+    with pytest.raises(FrameTooLarge, match="above the cap of 64 bytes"):
+        reader.recv(b, TIMEOUT)
+    blob = frame_bytes(Message(MessageType.GRADS, {}, [torch.ones(10)]))
+    a2, b2 = socket.socketpair()
+    with a2, b2:
+        a2.sendall(blob[:-8])
+        with pytest.raises(ReadTimeout, match="8 of .* bytes of the payload missing"):
+            FrameReader(DEFAULT_MAX_FRAME).recv(b2, timeout=0.2)
+
+
+def test_a_one_shot_read_leaves_the_next_frame_on_the_socket(pair) -> None:
+    """The handshake reads with recv_message, then hands the socket to a FrameReader: nothing may be lost."""
+    a, b = pair
+    a.sendall(frame_bytes(Message(MessageType.WELCOME, {"n": 1})) + frame_bytes(Message(MessageType.PARAMS, {"n": 2})))
+    assert recv_message(b, DEFAULT_MAX_FRAME, TIMEOUT).meta == {"n": 1}
+    assert FrameReader(DEFAULT_MAX_FRAME).recv(b, TIMEOUT).meta == {"n": 2}
+
+
+def test_a_writer_sends_what_the_socket_takes_and_the_rest_later(pair) -> None:
+    a, b = pair
+    a.setblocking(False)
+    writer = FrameWriter()
+    big = torch.arange(4 * MIB, dtype=torch.float32)  # 16 MiB: more than the socket buffers hold
+    writer.queue(encode(Message(MessageType.PARAMS, {"v": 3}, [big])))
+    assert writer.flush(a) is False and writer.pending and writer.started is not None  # no blocking
+    received: list[Message] = []
+    reader = threading.Thread(target=lambda: received.append(recv_message(b, 64 * MIB, TIMEOUT)))
+    reader.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not writer.flush(a) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    reader.join(TIMEOUT)
+    assert not writer.pending and writer.started is None
+    assert received[0].meta == {"v": 3} and torch.equal(received[0].tensors[0], big)
+
+
+def test_a_writer_to_a_closed_peer_is_peer_closed(pair) -> None:
+    a, b = pair
+    a.setblocking(False)
+    b.close()
+    writer = FrameWriter()
+    writer.queue(encode(Message(MessageType.DONE)))
+    with pytest.raises(PeerClosed):
+        writer.flush(a)
 
 
 def _mutated_frames(rng: random.Random, count: int) -> list[bytes]:
