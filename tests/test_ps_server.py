@@ -52,8 +52,9 @@ def answer_with(value: float) -> Answer:
 
 
 class FakeWorker(threading.Thread):
-    """Answers each ASSIGN with ``answer(message, flat)``: a Message to send, None to stay silent, or
-    "close" to hang up. Records every assignment's sample indices."""
+    """Answers each ASSIGN with ``answer(message, flat)``: a Message to send, None to stay silent,
+    "close" to hang up, or "half" to send half a gradient frame and go silent. Records every
+    assignment's sample indices."""
 
     def __init__(self, address: tuple[str, int], answer: Answer, module: nn.Module | None = None,
                  secret: bytes | None = None, name: str = "fake") -> None:
@@ -62,6 +63,7 @@ class FakeWorker(threading.Thread):
         self.module = module or tiny_model()
         self.flat = FlatState(self.module)
         self.assigned: list[torch.Tensor] = []
+        self.assigned_at: list[float] = []  # time.monotonic() of each ASSIGN's arrival
         self.params: list[torch.Tensor] = []
         self.errors: list[str] = []
         self.joined = threading.Event()
@@ -71,17 +73,23 @@ class FakeWorker(threading.Thread):
     def run(self) -> None:
         try:
             hello = {"name": self.name_, "signature": wire.model_signature(self.module)}
-            wire.client_handshake(self.sock, hello, self.secret, timeout=5, max_frame=2**20)
+            wire.client_handshake(self.sock, hello, self.secret, timeout=5, max_frame=2**25)
             self.joined.set()
             while True:
-                message = wire.recv_message(self.sock, 2**20, timeout=5, idle_timeout=30)
+                message = wire.recv_message(self.sock, 2**25, timeout=5, idle_timeout=30)
                 if message.type == MessageType.PARAMS:
                     self.params.append(message.tensors[0].clone())
                 elif message.type == MessageType.ASSIGN:
+                    self.assigned_at.append(time.monotonic())
                     self.assigned.append(message.tensors[0].clone())
                     reply = self.answer(message, self.flat)
                     if reply == "close":
                         self.sock.close()
+                        return
+                    if reply == "half":  # half of a real gradient frame, then silence
+                        frame = b"".join(bytes(p) for p in wire.encode(answer_with(1.0)(message, self.flat)))
+                        self.sock.sendall(frame[: len(frame) // 2])
+                        time.sleep(5.0)
                         return
                     if isinstance(reply, Message):
                         wire.send_message(self.sock, reply, timeout=5)
@@ -200,6 +208,55 @@ def test_a_worker_that_never_answers_is_disconnected_after_repeated_late_rounds(
         assert server.run_round(0, micro_batches(8), version=step).samples == 64
     assert len(server.live_workers) == 1
     assert any(e["event"] == "left" and "2 rounds in a row" in e["reason"] for e in server.events)
+
+
+def half_a_frame(assign: Message, flat: FlatState) -> str:
+    return "half"
+
+
+def test_a_worker_stalling_mid_frame_is_cut_off_at_the_frame_timeout(make_server):
+    """Half a gradient, then silence: the frame deadline ends it long before the round timeout would."""
+    server = make_server(round_timeout=30.0, frame_timeout=0.3)
+    good, stalled = FakeWorker(server.address, answer_with(1.0), name="good"), FakeWorker(server.address, half_a_frame, name="stalled")
+    join(server, good, stalled)
+    started = time.monotonic()
+    result = server.run_round(0, micro_batches(8), version=0)
+    assert time.monotonic() - started < 3.0
+    assert result.samples == 64 and result.reassigned_samples == 32
+    torch.testing.assert_close(result.gradient, torch.full_like(result.gradient, 1.0))
+    assert any(e["event"] == "left" and "part of a message" in e["reason"] for e in server.events)
+
+
+class DeafWorker(FakeWorker):
+    """Joins, then never reads: what the server sends it piles up in the socket buffers."""
+
+    def run(self) -> None:
+        try:
+            hello = {"name": self.name_, "signature": wire.model_signature(self.module)}
+            wire.client_handshake(self.sock, hello, self.secret, timeout=5, max_frame=2**20)
+            self.joined.set()
+            time.sleep(5.0)
+        finally:
+            self.sock.close()
+
+
+def test_a_worker_that_stops_reading_neither_blocks_the_others_nor_the_round(make_server):
+    """8 MB of parameters: more than the socket buffers take from a peer that does not read. The server
+    sends to everyone at once, so the reading worker gets its share, and the deaf one is cut off."""
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(1024, 2048), nn.BatchNorm1d(2048))
+
+    server = make_server(model(), frame_timeout=1.0, max_frame=2**25)
+    deaf, good = DeafWorker(server.address, answer_with(1.0), model(), name="deaf"), FakeWorker(server.address, answer_with(1.0), model(), name="good")
+    join(server, deaf, good)
+    started = time.monotonic()
+    result = server.run_round(0, micro_batches(8), version=0)
+    assert time.monotonic() - started < 4.0
+    assert good.assigned_at[0] - started < 0.8, "the reading worker must not wait for the deaf one's timeout"
+    assert result.samples == 64 and result.reassigned_samples == 32
+    assert "good" in result.workers[0] and len(result.workers) == 1
+    assert any(e["event"] == "left" and "stopped reading" in e["reason"] for e in server.events)
 
 
 def test_the_wait_policy_waits_for_a_slow_worker(make_server):

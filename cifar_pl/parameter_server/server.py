@@ -1,11 +1,15 @@
 """The parameter server: admits workers, hands each round's micro-batches to them, and averages their
 gradients into the central model.
 
-Threads: one accepts connections (at most ``max_pending`` handshakes at once, each bounded by a timeout),
-one per worker reads its frames into a single inbox, and the caller's thread (the Lightning training loop)
-runs the rounds. A round is complete only when every one of its micro-batches has an accepted gradient:
-the micro-batches of a worker that leaves, fails or stops answering are handed to the others within the
-same round, so each epoch uses every sample exactly once whatever happens to the workers.
+Threads: one accepts connections and runs each handshake in a short-lived thread of its own (at most
+``max_pending`` at once, each bounded by a timeout). Admitted workers' sockets are non-blocking and belong
+to the caller's thread (the Lightning training loop) alone: it runs each round as one selector loop that
+sends to every worker at once, as far as each socket takes it, and reads every answer into that worker's
+reused buffer, with no thread handoffs or locks on the hot path.
+
+A round is complete only when every one of its micro-batches has an accepted gradient: the micro-batches
+of a worker that leaves, fails or stops answering are handed to the others within the same round, so each
+epoch uses every sample exactly once whatever happens to the workers.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ import collections
 import itertools
 import logging
 import math
-import queue
 import selectors
 import socket
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -52,6 +56,10 @@ class ServerSettings:
     max_strikes: int = 3  # rejected contributions, or rounds late in a row, before a worker is disconnected
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def parse_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     """``HOST:PORT`` (or ``:PORT``, or ``[v6]:PORT``) as a (host, port) pair."""
     host, sep, port = address.rpartition(":")
@@ -64,21 +72,15 @@ def parse_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, i
 class Connection:
     id: int
     name: str
-    sock: socket.socket
+    sock: socket.socket  # non-blocking; read and written only by the thread that runs the rounds
     peer: str
+    reader: wire.FrameReader
+    writer: wire.FrameWriter = field(default_factory=wire.FrameWriter)
     version: int = -1  # the parameter version this worker holds
     alive: bool = True
     strikes: int = 0  # rejected contributions
     late: int = 0  # rounds in a row whose share it did not answer within the round timeout
-    reader: threading.Thread | None = None
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def send(self, message: Message, timeout: float) -> None:
-        self.send_parts(wire.encode(message), timeout)
-
-    def send_parts(self, parts: list[bytes | memoryview], timeout: float) -> None:
-        with self.send_lock:
-            wire.send_parts(self.sock, parts, timeout)
+    events: int = 0  # what the server's selector watches on its socket (0: not registered)
 
     def close(self) -> None:
         self.alive = False
@@ -95,6 +97,7 @@ class Assignment:
     worker: Connection
     micro_batches: list[int]  # positions in the round's list of micro-batches
     indices: Tensor  # their sample indices, concatenated
+    samples: int
     sent: float
     deadline: float
     final: bool  # past this deadline the worker is taken for dead, not merely late
@@ -136,7 +139,7 @@ class ParameterServer:
         self.refusals: collections.Counter[str] = collections.Counter()
         self._recent_refusals: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.RECENT_REFUSALS)
         self._refusal_window = [time.monotonic(), 0]
-        self._inbox: queue.Queue[tuple[Connection, Message | BaseException]] = queue.Queue()
+        self._selector = selectors.DefaultSelector()  # the workers' sockets, used by the rounds' thread only
         self._lock = threading.Lock()
         self._joined = threading.Condition(self._lock)
         self._workers: dict[int, Connection] = {}
@@ -173,13 +176,14 @@ class ParameterServer:
         self._stopping.set()
         with self._lock:
             workers = list(self._workers.values())
+        done = wire.encode(Message(MessageType.DONE, {"reason": reason}))
         for conn in workers:
             if conn.alive:
-                try:
-                    conn.send(Message(MessageType.DONE, {"reason": reason}), timeout=2.0)
-                except (wire.ProtocolError, OSError):
-                    pass
+                with suppress(wire.ProtocolError, OSError):  # best effort: the worker may be gone already
+                    wire.send_parts(conn.sock, [*conn.writer.take(), *done], timeout=2.0, kind="DONE")
+            self._unwatch(conn)
             conn.close()
+        self._selector.close()
         if self._listener is not None:
             self._listener.close()
         for thread in self._threads:
@@ -241,37 +245,72 @@ class ParameterServer:
         finally:
             self._pending.release()
         name = f"worker-{worker_id} {str(hello.get('name', ''))[:40]} ({peer_name})".replace("  ", " ")
-        conn = Connection(worker_id, name, sock, peer_name)
-        conn.reader = threading.Thread(target=self._read_loop, args=(conn,), name=f"ps-read-{worker_id}", daemon=True)
+        sock.setblocking(False)
+        conn = Connection(worker_id, name, sock, peer_name, wire.FrameReader(self.settings.max_frame))
         with self._joined:
             if self._stopping.is_set():
                 sock.close()
                 return
             self._workers[worker_id] = conn
             self._joined.notify_all()
-        self._threads.append(conn.reader)
-        conn.reader.start()
         self._event("joined", conn, host=str(hello.get("host", "?")), pid=hello.get("pid"))
 
-    def _read_loop(self, conn: Connection) -> None:
-        """Frames from one worker into the inbox; an error or EOF ends the connection."""
-        selector = selectors.DefaultSelector()
-        selector.register(conn.sock, selectors.EVENT_READ)
-        try:
-            while not self._stopping.is_set() and conn.alive:
-                if not selector.select(timeout=0.5):
-                    continue
-                message = wire.recv_message(conn.sock, self.settings.max_frame, timeout=self.settings.frame_timeout)
-                if message.type == MessageType.GRADS:
-                    # checked here, in parallel with the round's sends: a sum is NaN or infinite whenever any
-                    # element is (or the values are absurdly large)
-                    message.meta["_finite"] = all(math.isfinite(float(t.sum())) for t in message.tensors[:2])
-                self._inbox.put((conn, message))
-        except (wire.ProtocolError, OSError, ValueError) as error:
-            if conn.alive and not self._stopping.is_set():
-                self._inbox.put((conn, error))
-        finally:
-            selector.close()
+    # --- the workers' sockets (the rounds' thread only) ----------------------------------------------
+
+    def _send(self, conn: Connection, parts: list[bytes | memoryview]) -> None:
+        """Queue frames for a worker and send what its socket takes now; the round loop sends the rest."""
+        conn.writer.queue(parts)
+        conn.writer.flush(conn.sock)
+        self._watch(conn)
+
+    def _watch(self, conn: Connection) -> None:
+        """Keep the selector watching the worker for answers, and for room to send while frames wait."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.writer.pending else 0)
+        if events != conn.events:
+            if conn.events:
+                self._selector.modify(conn.sock, events, conn)
+            else:
+                self._selector.register(conn.sock, events, conn)
+            conn.events = events
+
+    def _unwatch(self, conn: Connection) -> None:
+        if conn.events:
+            with suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(conn.sock)
+            conn.events = 0
+
+    def _watched(self) -> list[Connection]:
+        return [key.data for key in self._selector.get_map().values()]
+
+    def _io_deadline(self) -> float:
+        """When the next watched worker will have stalled a frame (either way) for ``frame_timeout``."""
+        times = [t for conn in self._watched()
+                 for t in (conn.writer.started, conn.reader.started if conn.reader.partial else None) if t is not None]
+        return min(times) + self.settings.frame_timeout if times else math.inf
+
+    def _poll(self, timeout: float) -> list[tuple[Connection, Message | Exception]]:
+        """Wait up to ``timeout`` seconds for the watched workers' sockets, send what they take and read
+        what they sent: the complete messages and the failed connections, in order. A message's tensors
+        are views on its worker's receive buffer, valid until the next poll."""
+        results: list[tuple[Connection, Message | Exception]] = []
+        for key, mask in self._selector.select(max(0.0, timeout)):
+            conn = key.data
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    conn.writer.flush(conn.sock)
+                    self._watch(conn)
+                if mask & selectors.EVENT_READ and conn.reader.read(conn.sock):
+                    while (message := conn.reader.pop()) is not None:
+                        results.append((conn, message))
+            except (wire.ProtocolError, OSError) as error:
+                results.append((conn, error))
+        now, limit = time.monotonic(), self.settings.frame_timeout
+        for conn in self._watched():
+            if conn.writer.started is not None and now - conn.writer.started > limit:
+                results.append((conn, wire.WriteTimeout(f"it took nothing of the frames sent to it for {limit:g} s: it stopped reading")))
+            elif conn.reader.partial and conn.reader.started is not None and now - conn.reader.started > limit:
+                results.append((conn, wire.ReadTimeout(f"it sent part of a message, then nothing for {limit:g} s ({conn.reader.missing()})")))
+        return results
 
     @property
     def recent_refusals(self) -> list[dict[str, Any]]:
@@ -296,6 +335,7 @@ class ParameterServer:
 
     def _drop(self, conn: Connection, why: str) -> None:
         if conn.alive:
+            self._unwatch(conn)
             conn.close()
             self._event("left", conn, reason=why)
 
@@ -309,7 +349,8 @@ class ParameterServer:
         started = time.perf_counter()
         timings = {"send": 0.0, "wait": 0.0, "aggregate": 0.0}
         todo = list(range(len(micro_batches)))
-        round_samples = sum(len(mb) for mb in micro_batches)
+        sizes = [len(mb) for mb in micro_batches]
+        round_samples = sum(sizes)
         workers = self.live_workers or self._wait_for_a_worker()
         grad_sum = torch.zeros(self.flat.num_params, dtype=torch.float32)  # becomes the weighted average
         float_sum = torch.zeros(self.flat.num_float_buffers, dtype=torch.float32)
@@ -317,6 +358,7 @@ class ParameterServer:
         samples, loss_sum, correct, reassigned = 0, 0.0, 0, 0
         contributors: list[str] = []
         inflight: dict[int, Assignment] = {}
+        used: list[Tensor] = []  # the sample indices of the accepted contributions
 
         def assign(conn: Connection, positions: list[int]) -> None:
             """Send the worker the current parameters (unless it has them) and its micro-batches, in one write."""
@@ -327,13 +369,13 @@ class ParameterServer:
             patience = self.settings.worker_timeout if final else self.settings.round_timeout * queued
             now = time.monotonic()
             indices = torch.cat(chosen).to(torch.int64)
-            assignment = Assignment(next(self._assignment_ids), conn, positions, indices, now, now + patience, final)
+            assignment = Assignment(next(self._assignment_ids), conn, positions, indices, len(indices), now, now + patience, final)
             meta = {"round": self.round, "assignment": assignment.id, "epoch": epoch}
-            sizes = torch.tensor([len(mb) for mb in chosen], dtype=torch.int64)
-            parts = wire.encode(Message(MessageType.ASSIGN, meta, [indices, sizes]))
+            lengths = torch.tensor([sizes[i] for i in positions], dtype=torch.int64)
+            parts = wire.encode(Message(MessageType.ASSIGN, meta, [indices, lengths]))
             if conn.version != version:
                 parts = self._params_frame(version) + parts
-            conn.send_parts(parts, self.settings.frame_timeout)
+            self._send(conn, parts)
             conn.version = version
             inflight[assignment.id] = assignment
             timings["send"] += time.perf_counter() - t
@@ -355,13 +397,62 @@ class ParameterServer:
 
         def reassign(assignment: Assignment, why: str) -> None:
             nonlocal reassigned
-            count = sum(len(micro_batches[i]) for i in assignment.micro_batches)
+            count = assignment.samples
             reassigned += count
             self.accounting.reassigned(epoch, count)
             self._event("reassigned", assignment.worker, samples=count, reason=why)
             others = [c for c in self.live_workers if c is not assignment.worker]
             idle = [c for c in others if not any(a.worker is c for a in inflight.values())]
             hand_out(assignment.micro_batches, idle or others or self.live_workers)
+
+        def take(conn: Connection, item: Message | Exception) -> None:
+            """One event of the round: a worker's answer (accepted into the sums, or rejected and its
+            share reassigned), or a lost connection (its shares reassigned)."""
+            nonlocal samples, loss_sum, correct
+            if isinstance(item, Exception):
+                self._drop(conn, f"connection lost: {item}")
+                self._orphan_assignments_of(conn, inflight, reassign)
+                return
+            if item.type != MessageType.GRADS:
+                self._drop(conn, f"protocol violation: unexpected {item.type.name}")
+                self._orphan_assignments_of(conn, inflight, reassign)
+                return
+            key = item.meta.get("assignment")
+            assignment = inflight.get(key) if _is_int(key) else None
+            if assignment is None or assignment.worker is not conn or item.meta.get("round") != self.round:
+                return  # a late answer to an assignment that was already handed to someone else
+            t = time.perf_counter()
+            problem = self._check_contribution(item, assignment.samples)
+            if problem:
+                inflight.pop(assignment.id)
+                conn.strikes += 1
+                self._event("rejected contribution", conn, reason=problem, strikes=conn.strikes)
+                try:
+                    self._send(conn, wire.encode(Message(MessageType.ERROR, {"reason": f"contribution rejected: {problem}"})))
+                except (wire.ProtocolError, OSError):
+                    pass
+                if conn.strikes >= self.settings.max_strikes:
+                    self._drop(conn, f"{conn.strikes} rejected contributions")
+                    self._orphan_assignments_of(conn, inflight, reassign)
+                reassign(assignment, f"rejected: {problem}")
+                return
+            inflight.pop(assignment.id)
+            conn.late = 0
+            grads, floats, ints = item.tensors
+            # weight by share of the round's samples: exactly 1.0 for a lone worker, so one worker
+            # reproduces a single-process run bit for bit in float32
+            share = item.meta["samples"] / round_samples
+            grad_sum.add_(grads, alpha=share)
+            float_sum.add_(floats, alpha=share)
+            torch.maximum(int_max, ints, out=int_max)
+            samples += item.meta["samples"]
+            loss_sum += float(item.meta["loss_sum"])
+            correct += int(item.meta["correct"])
+            if conn.name not in contributors:
+                contributors.append(conn.name)
+                self.contributions[conn.name] += 1
+            used.append(assignment.indices)
+            timings["aggregate"] += time.perf_counter() - t
 
         hand_out(todo, workers)
         while inflight:
@@ -393,59 +484,15 @@ class ParameterServer:
                 reassign(assignment, "round timeout")
             if not inflight:
                 break
-            wait = max(0.0, min(a.deadline for a in inflight.values()) - time.monotonic())
-            try:
-                conn, item = self._inbox.get(timeout=wait)
-            except queue.Empty:
-                timings["wait"] += time.perf_counter() - t
-                continue
+            deadline = min(min(a.deadline for a in inflight.values()), self._io_deadline())
+            events = self._poll(deadline - time.monotonic())
             timings["wait"] += time.perf_counter() - t
-            if isinstance(item, BaseException):
-                self._drop(conn, f"connection lost: {item}")
-                self._orphan_assignments_of(conn, inflight, reassign)
-                continue
-            if item.type != MessageType.GRADS:
-                self._drop(conn, f"protocol violation: unexpected {item.type.name}")
-                self._orphan_assignments_of(conn, inflight, reassign)
-                continue
-            assignment = inflight.get(int(item.meta.get("assignment", -1)))
-            if assignment is None or assignment.worker is not conn or item.meta.get("round") != self.round:
-                continue  # a late answer to an assignment that was already handed to someone else
-            t = time.perf_counter()
-            problem = self._check_contribution(item, sum(len(micro_batches[i]) for i in assignment.micro_batches))
-            if problem:
-                inflight.pop(assignment.id)
-                conn.strikes += 1
-                self._event("rejected contribution", conn, reason=problem, strikes=conn.strikes)
-                try:
-                    conn.send(Message(MessageType.ERROR, {"reason": f"contribution rejected: {problem}"}), 2.0)
-                except (wire.ProtocolError, OSError):
-                    pass
-                if conn.strikes >= self.settings.max_strikes:
-                    self._drop(conn, f"{conn.strikes} rejected contributions")
-                    self._orphan_assignments_of(conn, inflight, reassign)
-                reassign(assignment, f"rejected: {problem}")
-                continue
-            inflight.pop(assignment.id)
-            conn.late = 0
-            grads, floats, ints = item.tensors
-            # weight by share of the round's samples: exactly 1.0 for a lone worker, so one worker
-            # reproduces a single-process run bit for bit in float32
-            share = item.meta["samples"] / round_samples
-            grad_sum.add_(grads, alpha=share)
-            float_sum.add_(floats, alpha=share)
-            torch.maximum(int_max, ints, out=int_max)
-            samples += item.meta["samples"]
-            loss_sum += float(item.meta["loss_sum"])
-            correct += int(item.meta["correct"])
-            if conn.name not in contributors:
-                contributors.append(conn.name)
-                self.contributions[conn.name] += 1
-            self.accounting.used(epoch, assignment.indices)
-            timings["aggregate"] += time.perf_counter() - t
+            for conn, item in events:
+                take(conn, item)
 
         t = time.perf_counter()
         self.flat.load_buffers(float_sum, int_max)
+        self.accounting.used(epoch, torch.cat(used) if used else torch.zeros(0, dtype=torch.int64))
         self.accounting.round_done(epoch)
         timings["aggregate"] += time.perf_counter() - t
         timings["total"] = time.perf_counter() - started
@@ -473,7 +520,8 @@ class ParameterServer:
         loss = meta.get("loss_sum")
         if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not isinstance(meta.get("correct"), int):
             return "missing loss or accuracy statistics"
-        if not (math.isfinite(loss) and meta.get("_finite")):
+        # a sum is NaN or infinite whenever any element is (or when the values are absurdly large)
+        if not (math.isfinite(loss) and all(math.isfinite(float(t.sum())) for t in tensors[:2])):
             return "NaN or Inf in the gradient"
         return None
 

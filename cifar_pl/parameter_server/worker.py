@@ -134,8 +134,9 @@ class Worker:
 
     def serve(self, sock: socket.socket) -> int:
         s = self.settings
+        reader = wire.FrameReader(s.max_frame)  # one receive buffer for the connection: handled before the next read
         while True:
-            message = wire.recv_message(sock, s.max_frame, timeout=s.frame_timeout, idle_timeout=s.idle_timeout)
+            message = reader.recv(sock, timeout=s.frame_timeout, idle_timeout=s.idle_timeout)
             if message.type == MessageType.PARAMS:
                 params, floats, ints = message.tensors
                 self.flat.load_params(params)
