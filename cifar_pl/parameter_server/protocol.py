@@ -54,6 +54,7 @@ ALLOWED_DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in ALLOWED_DTYPES.items()}
 _META_LEN = struct.Struct(">I")
+_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps with options builds one per call
 _MAX_IOV = 512  # buffers per sendmsg call, below the usual IOV_MAX of 1024
 _ALIGN = 8  # meta JSON is padded with spaces so that tensor data starts 8-byte aligned in the payload
 NONCE_BYTES = 32
@@ -155,7 +156,7 @@ def encode(message: Message) -> list[bytes | memoryview]:
         raise ValueError(f"{len(message.tensors)} tensors in one message, at most {MAX_TENSORS} allowed")
     views = [_tensor_bytes(t) for t in message.tensors]
     descriptors = [{"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for t in message.tensors]
-    meta = json.dumps({**message.meta, "tensors": descriptors}, separators=(",", ":")).encode()
+    meta = _JSON.encode({**message.meta, "tensors": descriptors}).encode()
     meta += b" " * (-(_META_LEN.size + len(meta)) % _ALIGN)
     if len(meta) > MAX_META:
         raise ValueError(f"meta is {len(meta)} bytes of JSON, the peer accepts at most {MAX_META}")
