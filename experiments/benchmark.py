@@ -231,7 +231,8 @@ def strategies(args: argparse.Namespace) -> dict[str, Any]:
 
 def _simulated_workers(host: str, port: int, count: int, sizes: tuple[int, int, int], max_frame: int, ready: Any) -> None:
     """``count`` workers in one process: real connections, handshake and frames, gradients of the real sizes,
-    no model compute (each answers an assignment at once with a preallocated gradient)."""
+    no model compute (each answers an assignment at once with a preallocated gradient). When they are done,
+    puts ("cpu", seconds) on ``ready``: the process's CPU time from the first assignment on."""
     import socket
     import threading
 
@@ -239,6 +240,8 @@ def _simulated_workers(host: str, port: int, count: int, sizes: tuple[int, int, 
 
     torch.set_num_threads(1)
     grads, floats, ints = torch.zeros(sizes[0]), torch.zeros(sizes[1]), torch.zeros(sizes[2], dtype=torch.int64)
+    cpu_started: list[float] = []
+    lock = threading.Lock()
 
     def serve(i: int) -> None:
         sock = socket.create_connection((host, port), timeout=30)
@@ -250,6 +253,9 @@ def _simulated_workers(host: str, port: int, count: int, sizes: tuple[int, int, 
             while True:
                 message = reader.recv(sock, timeout=60, idle_timeout=600)
                 if message.type == wire.MessageType.ASSIGN:
+                    if not cpu_started:
+                        with lock:
+                            cpu_started[:] = cpu_started or [time.process_time()]
                     meta = {"round": message.meta["round"], "assignment": message.meta["assignment"],
                             "samples": len(message.tensors[0]), "loss_sum": 0.0, "correct": 0}
                     wire.send_message(sock, wire.Message(wire.MessageType.GRADS, meta, [grads, floats, ints]), 60)
@@ -265,6 +271,7 @@ def _simulated_workers(host: str, port: int, count: int, sizes: tuple[int, int, 
         thread.start()
     for thread in threads:
         thread.join()
+    ready.put(("cpu", time.process_time() - cpu_started[0] if cpu_started else 0.0))
 
 
 class _FlatModel(torch.nn.Module):
@@ -388,6 +395,7 @@ def server_load(args: argparse.Namespace) -> dict[str, Any]:
     elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu_started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     server.stop("benchmark over")
+    workers_cpu = sum(ready.get(timeout=60)[1] for _ in procs)
     for proc in procs:
         proc.join(timeout=10)
     latencies.sort()
@@ -402,6 +410,7 @@ def server_load(args: argparse.Namespace) -> dict[str, Any]:
         "peak_mib": round(peak_mib, 1),
         "peak_growth_mib": round(peak_mib - rss_before / 1024, 1),
         "server_cpu_ms_per_round": round(cpu / len(latencies) * 1000, 3),
+        "workers_cpu_ms_per_round": round(workers_cpu / len(latencies) * 1000, 3),
         "workers": args.workers,
         "params": sizes[0],
         "mb_per_round": round(bytes_per_round / 2**20, 2),
@@ -413,7 +422,7 @@ def server_load(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(f"{args.workers} simulated workers, {sizes[0]:,} parameters: {result['rounds_per_s']} rounds/s, "
           f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, peak {result['peak_mib']} MiB, server CPU "
-          f"{result['server_cpu_ms_per_round']} ms per round; "
+          f"{result['server_cpu_ms_per_round']} ms per round (simulated workers: {result['workers_cpu_ms_per_round']} ms); "
           f"copying {result['mb_per_round']} MB once per round would allow {bound:.0f} rounds/s; a naive sequential "
           f"server moving the same bytes over raw sockets does {naive:.0f} rounds/s")
     return result
