@@ -286,8 +286,7 @@ class FrameReader:
 
     A message's tensors are views on that buffer: they stay valid until the next ``read``/``recv`` on the
     same reader, so a caller that keeps them longer must copy them. Reusing the buffer spares the receiver
-    a fresh allocation (zero-filled, often page-faulted) for every frame, the dominant per-frame cost at
-    hundreds of frames per second.
+    a fresh zero-filled allocation per frame, a cost that adds up at hundreds of frames per second.
 
     Blocking use: ``recv``. Non-blocking use (a selector): ``read`` when the socket is readable, then
     ``pop`` until it returns None. ``greedy`` readers take whatever the socket has, several frames per
