@@ -53,8 +53,8 @@ def answer_with(value: float) -> Answer:
 
 class FakeWorker(threading.Thread):
     """Answers each ASSIGN with ``answer(message, flat)``: a Message to send, None to stay silent,
-    "close" to hang up, or "half" to send half a gradient frame and go silent. Records every
-    assignment's sample indices."""
+    "close" to hang up, "half" to send half a gradient frame and go silent, or raw bytes to send as
+    they are. Records every assignment's sample indices."""
 
     def __init__(self, address: tuple[str, int], answer: Answer, module: nn.Module | None = None,
                  secret: bytes | None = None, name: str = "fake") -> None:
@@ -86,6 +86,9 @@ class FakeWorker(threading.Thread):
                     if reply == "close":
                         self.sock.close()
                         return
+                    if isinstance(reply, bytes):  # raw bytes in place of a frame
+                        self.sock.sendall(reply)
+                        continue
                     if reply == "half":  # half of a real gradient frame, then silence
                         frame = b"".join(bytes(p) for p in wire.encode(answer_with(1.0)(message, self.flat)))
                         self.sock.sendall(frame[: len(frame) // 2])
@@ -257,6 +260,24 @@ def test_a_worker_that_stops_reading_neither_blocks_the_others_nor_the_round(mak
     assert result.samples == 64 and result.reassigned_samples == 32
     assert "good" in result.workers[0] and len(result.workers) == 1
     assert any(e["event"] == "left" and "stopped reading" in e["reason"] for e in server.events)
+
+
+@pytest.mark.parametrize("reply, reason", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad magic"),
+    (struct.pack(">4sBBHQ", b"CFPS", 1, MessageType.GRADS, 0, 2**62), "above the cap"),
+    (b"".join(bytes(p) for p in wire.encode(Message(MessageType.HELLO, {"name": "again"}))), "unexpected HELLO"),
+])
+def test_a_joined_worker_that_breaks_the_protocol_is_cut_off_and_its_share_reassigned(make_server, reply: bytes, reason: str):
+    """Past the handshake the frames are read by the round loop: they get the same checks, and a
+    lying length prefix is refused before anything is allocated for it."""
+    server = make_server()
+    good, broken = FakeWorker(server.address, answer_with(1.0), name="good"), FakeWorker(server.address, lambda m, f: reply, name="broken")
+    join(server, good, broken)
+    result = server.run_round(0, micro_batches(8), version=0)
+    assert result.samples == 64 and result.reassigned_samples == 32
+    torch.testing.assert_close(result.gradient, torch.full_like(result.gradient, 1.0))
+    assert len(server.live_workers) == 1
+    assert any(e["event"] == "left" and "broken" in e["worker"] and reason in e["reason"] for e in server.events)
 
 
 def test_the_wait_policy_waits_for_a_slow_worker(make_server):
