@@ -142,7 +142,9 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach()
     if flat.device.type != "cpu":
         flat = flat.to("cpu")
-    flat = flat.contiguous().reshape(-1)
+    flat = flat.contiguous()
+    if flat.dim() != 1:
+        flat = flat.reshape(-1)
     if flat.dtype == torch.bfloat16:  # numpy has no bfloat16; the bytes are what matter
         flat = flat.view(torch.int16)
     return memoryview(flat.numpy()).cast("B")  # the array keeps the tensor alive
@@ -238,7 +240,7 @@ def decode(header: bytes | bytearray | memoryview, payload: bytearray | memoryvi
             tensors.append(torch.empty(shape, dtype=dtype))
         else:
             flat = torch.frombuffer(payload, dtype=dtype, count=size // dtype.itemsize, offset=offset)
-            tensors.append(flat.reshape(shape))
+            tensors.append(flat if len(shape) == 1 else flat.reshape(shape))
         offset += size
     return Message(message_type, meta, tensors)
 

@@ -95,7 +95,7 @@ class Connection:
 class Assignment:
     id: int
     worker: Connection
-    micro_batches: list[int]  # positions in the round's list of micro-batches
+    micro_batches: range  # a contiguous run of positions in the round's list of micro-batches
     indices: Tensor  # their sample indices, concatenated
     samples: int
     sent: float
@@ -348,9 +348,13 @@ class ParameterServer:
         self.round += 1
         started = time.perf_counter()
         timings = {"send": 0.0, "wait": 0.0, "aggregate": 0.0}
-        todo = list(range(len(micro_batches)))
+        todo = range(len(micro_batches))
         sizes = [len(mb) for mb in micro_batches]
         round_samples = sum(sizes)
+        # all the round's indices and micro-batch sizes in two tensors: a share (a run of micro-batches) is a slice
+        all_indices = torch.cat(micro_batches).to(torch.int64) if micro_batches else torch.zeros(0, dtype=torch.int64)
+        all_sizes = torch.tensor(sizes, dtype=torch.int64)
+        starts = list(itertools.accumulate(sizes, initial=0))
         workers = self.live_workers or self._wait_for_a_worker()
         grad_sum = torch.zeros(self.flat.num_params, dtype=torch.float32)  # becomes the weighted average
         float_sum = torch.zeros(self.flat.num_float_buffers, dtype=torch.float32)
@@ -360,18 +364,17 @@ class ParameterServer:
         inflight: dict[int, Assignment] = {}
         used: list[Tensor] = []  # the sample indices of the accepted contributions
 
-        def assign(conn: Connection, positions: list[int]) -> None:
+        def assign(conn: Connection, positions: range) -> None:
             """Send the worker the current parameters (unless it has them) and its micro-batches, in one write."""
             t = time.perf_counter()
-            chosen = [micro_batches[i] for i in positions]
             queued = 1 + sum(1 for a in inflight.values() if a.worker is conn)  # it answers them in turn
             final = self.settings.straggler == "wait"
             patience = self.settings.worker_timeout if final else self.settings.round_timeout * queued
             now = time.monotonic()
-            indices = torch.cat(chosen).to(torch.int64)
+            indices = all_indices[starts[positions.start] : starts[positions.stop]]
+            lengths = all_sizes[positions.start : positions.stop]
             assignment = Assignment(next(self._assignment_ids), conn, positions, indices, len(indices), now, now + patience, final)
             meta = {"round": self.round, "assignment": assignment.id, "epoch": epoch}
-            lengths = torch.tensor([sizes[i] for i in positions], dtype=torch.int64)
             parts = wire.encode(Message(MessageType.ASSIGN, meta, [indices, lengths]))
             if conn.version != version:
                 parts = self._params_frame(version) + parts
@@ -380,9 +383,9 @@ class ParameterServer:
             inflight[assignment.id] = assignment
             timings["send"] += time.perf_counter() - t
 
-        def hand_out(positions: list[int], candidates: list[Connection]) -> None:
-            """Split ``positions`` into contiguous chunks, one per candidate, as even as they can be; a
-            worker that cannot be reached is dropped and its chunk goes to the others."""
+        def hand_out(positions: range, candidates: list[Connection]) -> None:
+            """Split ``positions`` into contiguous runs, one per candidate, as even as they can be; a worker
+            that cannot be reached is dropped and its run goes back to the others."""
             queue = list(candidates)
             while positions:
                 queue = [c for c in queue if c.alive] or self.live_workers or self._wait_for_a_worker()
@@ -393,7 +396,7 @@ class ParameterServer:
                     assign(conn, chunk)
                 except (wire.ProtocolError, OSError) as error:
                     self._drop(conn, f"send failed: {error}")
-                    positions = chunk + positions
+                    positions = range(chunk.start, positions.stop)
 
         def reassign(assignment: Assignment, why: str) -> None:
             nonlocal reassigned
