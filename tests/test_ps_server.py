@@ -57,9 +57,10 @@ class FakeWorker(threading.Thread):
     they are. Records every assignment's sample indices."""
 
     def __init__(self, address: tuple[str, int], answer: Answer, module: nn.Module | None = None,
-                 secret: bytes | None = None, name: str = "fake") -> None:
+                 secret: bytes | None = None, name: str = "fake", start_delay: float = 0.0) -> None:
         super().__init__(daemon=True)
         self.address, self.answer, self.secret, self.name_ = address, answer, secret, name
+        self.start_delay = start_delay  # seconds between joining and reading its first frame
         self.module = module or tiny_model()
         self.flat = FlatState(self.module)
         self.assigned: list[torch.Tensor] = []
@@ -75,6 +76,7 @@ class FakeWorker(threading.Thread):
             hello = {"name": self.name_, "signature": wire.model_signature(self.module)}
             wire.client_handshake(self.sock, hello, self.secret, timeout=5, max_frame=2**25)
             self.joined.set()
+            time.sleep(self.start_delay)
             while True:
                 message = wire.recv_message(self.sock, 2**25, timeout=5, idle_timeout=30)
                 if message.type == MessageType.PARAMS:
@@ -278,6 +280,28 @@ def test_a_joined_worker_that_breaks_the_protocol_is_cut_off_and_its_share_reass
     torch.testing.assert_close(result.gradient, torch.full_like(result.gradient, 1.0))
     assert len(server.live_workers) == 1
     assert any(e["event"] == "left" and "broken" in e["worker"] and reason in e["reason"] for e in server.events)
+
+
+def test_time_between_rounds_does_not_count_against_a_frame_in_flight(make_server):
+    """A late starter misses round 1, leaving 8 MB of parameters half sent to it. The server does not send
+    between rounds, so a pause longer than the frame timeout before round 2 is not held against the worker."""
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(1024, 2048), nn.BatchNorm1d(2048))
+
+    server = make_server(model(), round_timeout=0.5, frame_timeout=1.0, max_frame=2**25)
+    good = FakeWorker(server.address, answer_with(1.0), model(), name="good")
+    late = FakeWorker(server.address, answer_with(1.0), model(), name="late", start_delay=3.0)
+    join(server, good, late)
+    assert server.run_round(0, micro_batches(8), version=0).reassigned_samples == 32
+    time.sleep(1.5)  # validation, a checkpoint...: longer than the frame timeout
+    result = server.run_round(0, micro_batches(1), version=0)  # one micro-batch: only the good worker gets work
+    assert result.samples == 8 and len(server.live_workers) == 2
+    assert not any(e["event"] == "left" for e in server.events)
+    time.sleep(1.5)  # the late worker wakes up (3 s after joining)
+    third = server.run_round(1, micro_batches(8), version=1)
+    assert third.samples == 64 and len(server.live_workers) == 2
+    assert not any(e["event"] == "left" for e in server.events)
 
 
 def test_the_wait_policy_waits_for_a_slow_worker(make_server):

@@ -257,6 +257,14 @@ def send_message(sock: socket.socket, message: Message, timeout: float) -> None:
     send_parts(sock, encode(message), timeout, MessageType(message.type).name)
 
 
+def _consume(views: list[memoryview], sent: int) -> None:
+    """Drop the first ``sent`` bytes from a gather write's list of views, in place."""
+    while views and sent >= views[0].nbytes:
+        sent -= views.pop(0).nbytes
+    if views and sent:
+        views[0] = views[0][sent:]
+
+
 def send_parts(sock: socket.socket, parts: list[bytes | memoryview], timeout: float, kind: str = "frames") -> None:
     """Send already-encoded frames (``encode``'s output, or several frames' concatenated) in gather writes,
     within ``timeout`` seconds: one encoding can then go to many peers, one syscall can carry two frames."""
@@ -275,10 +283,7 @@ def send_parts(sock: socket.socket, parts: list[bytes | memoryview], timeout: fl
             except ConnectionError as error:
                 raise PeerClosed(f"the peer closed the connection while {kind} was sent "
                                  f"({total} bytes): {error}") from None
-            while views and sent >= views[0].nbytes:
-                sent -= views.pop(0).nbytes
-            if views:
-                views[0] = views[0][sent:]
+            _consume(views, sent)
     finally:
         sock.settimeout(previous)
 
@@ -304,12 +309,18 @@ class FrameReader:
         self._start = 0  # where the current frame begins in the buffer
         self._end = 0  # how far the buffer is filled
         self._length: int | None = None  # the current frame's payload length, once its header is checked
-        self.started: float | None = None  # when the current frame's first byte arrived (monotonic)
+        self.started: float | None = None  # when the incomplete frame's first byte arrived; None: none is
 
     @property
     def partial(self) -> bool:
         """Whether part of a frame has arrived and the rest has not."""
         return self._end > self._start
+
+    def restart_clock(self) -> None:
+        """Start the incomplete frame's clock again: for a caller that stopped reading for a while (between
+        rounds), so the time it was not listening does not count against the peer."""
+        if self.partial:
+            self.started = time.monotonic()
 
     def missing(self) -> str:
         """How much of the current frame is missing, for error messages."""
@@ -417,6 +428,12 @@ class FrameWriter:
     def pending(self) -> bool:
         return bool(self._views)
 
+    def restart_clock(self) -> None:
+        """Start the progress clock again: for a caller that stopped sending for a while (between rounds),
+        so the time it was not sending does not count against the peer."""
+        if self._views:
+            self.started = time.monotonic()
+
     def queue(self, parts: list[bytes | memoryview]) -> None:
         """Queue encoded frames (``encode``'s output). The parts must not change until they are sent."""
         if not self._views:
@@ -434,10 +451,7 @@ class FrameWriter:
             except ConnectionError as error:
                 raise PeerClosed(f"the peer closed the connection while frames were sent to it: {error}") from None
             self.started = time.monotonic()
-            while views and sent >= views[0].nbytes:
-                sent -= views.pop(0).nbytes
-            if views and sent:
-                views[0] = views[0][sent:]
+            _consume(views, sent)
         self.started = None
         return True
 

@@ -285,7 +285,7 @@ class ParameterServer:
     def _io_deadline(self) -> float:
         """When the next watched worker will have stalled a frame (either way) for ``frame_timeout``."""
         times = [t for conn in self._watched()
-                 for t in (conn.writer.started, conn.reader.started if conn.reader.partial else None) if t is not None]
+                 for t in (conn.writer.started, conn.reader.started) if t is not None]
         return min(times) + self.settings.frame_timeout if times else math.inf
 
     def _poll(self, timeout: float) -> list[tuple[Connection, Message | Exception]]:
@@ -308,7 +308,7 @@ class ParameterServer:
         for conn in self._watched():
             if conn.writer.started is not None and now - conn.writer.started > limit:
                 results.append((conn, wire.WriteTimeout(f"it took nothing of the frames sent to it for {limit:g} s: it stopped reading")))
-            elif conn.reader.partial and conn.reader.started is not None and now - conn.reader.started > limit:
+            elif conn.reader.started is not None and now - conn.reader.started > limit:
                 results.append((conn, wire.ReadTimeout(f"it sent part of a message, then nothing for {limit:g} s ({conn.reader.missing()})")))
         return results
 
@@ -347,6 +347,9 @@ class ParameterServer:
         statistics into the module. ``version`` names the current parameters (the optimizer step)."""
         self.round += 1
         started = time.perf_counter()
+        for conn in self._watched():  # frames left in flight by the last round: their clocks ran while nobody listened
+            conn.writer.restart_clock()
+            conn.reader.restart_clock()
         timings = {"send": 0.0, "wait": 0.0, "aggregate": 0.0}
         todo = range(len(micro_batches))
         sizes = [len(mb) for mb in micro_batches]
