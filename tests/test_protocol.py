@@ -374,6 +374,25 @@ def test_a_reader_assembles_a_frame_larger_than_its_buffer_from_many_reads(pair)
     assert torch.equal(messages[0][2][0], big)
 
 
+def test_a_reader_keeps_the_unread_start_of_the_next_frame_across_reads(pair) -> None:
+    """A small frame and the first half of a big one arrive together: after popping the small one, the
+    half is moved to the front of the buffer (over itself) and the big frame completes intact."""
+    a, b = pair
+    b.setblocking(False)
+    reader = FrameReader(DEFAULT_MAX_FRAME, capacity=1 << 20)
+    big = torch.arange(100_000, dtype=torch.float32)
+    small, large = frame_bytes(Message(MessageType.ERROR, {"reason": "x"})), frame_bytes(Message(MessageType.PARAMS, {}, [big]))
+    a.sendall(small + large[: len(large) // 2])
+    time.sleep(0.05)
+    assert reader.read(b) and reader.pop().meta == {"reason": "x"} and reader.pop() is None and reader.partial
+    a.sendall(large[len(large) // 2 :])
+    time.sleep(0.05)
+    got = None
+    while got is None and reader.read(b):
+        got = reader.pop()
+    assert got is not None and torch.equal(got.tensors[0], big)
+
+
 def test_a_reader_checks_the_cap_and_says_what_is_missing(pair) -> None:
     a, b = pair
     reader = FrameReader(max_frame=64)

@@ -334,7 +334,8 @@ class FrameReader:
         messages popped before are no longer valid after this. Raises ``PeerClosed`` at EOF."""
         if self._start:  # keep only the unread bytes, moved to the front (the same length: views allowed)
             left = self._end - self._start
-            self._buffer[:left] = self._view[self._start : self._end]
+            # through a copy: bytearray slice assignment memcpy()s, and the two ranges may overlap
+            self._buffer[:left] = bytes(self._view[self._start : self._end])
             self._start, self._end = 0, left
         if self.greedy:
             want = len(self._buffer) - self._end
