@@ -232,7 +232,7 @@ def strategies(args: argparse.Namespace) -> dict[str, Any]:
 def _simulated_workers(host: str, port: int, count: int, sizes: tuple[int, int, int], max_frame: int, ready: Any) -> None:
     """``count`` workers in one process: real connections, handshake and frames, gradients of the real sizes,
     no model compute (each answers an assignment at once with a preallocated gradient). When they are done,
-    puts ("cpu", seconds) on ``ready``: the process's CPU time from the first assignment on."""
+    puts ("cpu", seconds) on ``ready``: the process's CPU time from the first timed round on."""
     import socket
     import threading
 
@@ -253,7 +253,7 @@ def _simulated_workers(host: str, port: int, count: int, sizes: tuple[int, int, 
             while True:
                 message = reader.recv(sock, timeout=60, idle_timeout=600)
                 if message.type == wire.MessageType.ASSIGN:
-                    if not cpu_started:
+                    if not cpu_started and message.meta["round"] > 1:  # round 1 is the warm-up
                         with lock:
                             cpu_started[:] = cpu_started or [time.process_time()]
                     meta = {"round": message.meta["round"], "assignment": message.meta["assignment"],
@@ -385,7 +385,9 @@ def server_load(args: argparse.Namespace) -> dict[str, Any]:
     # one round: every worker gets K micro-batches of 32 sample indices (never images)
     micro_batches = list(torch.arange(args.workers * args.micro_batches * 32).split(32))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    latencies, version, deadline = [], 0, time.perf_counter() + args.seconds
+    # one warm-up round, not timed: the first one grows every connection's buffers and TCP windows
+    server.run_round(epoch=0, micro_batches=micro_batches, version=0)
+    latencies, version, deadline = [], 1, time.perf_counter() + args.seconds
     started, cpu_started = time.perf_counter(), time.thread_time()  # this thread runs every round
     while time.perf_counter() < deadline:
         t = time.perf_counter()
