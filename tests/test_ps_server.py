@@ -28,6 +28,12 @@ def tiny_model(width: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(4, width), nn.BatchNorm1d(width))
 
 
+def wide_model() -> nn.Module:
+    """8 MB of parameters: more than the socket buffers take from a peer that does not read."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1024, 2048), nn.BatchNorm1d(2048))
+
+
 def signature_check(module: nn.Module) -> Callable[[dict], str | None]:
     ours = wire.model_signature(module)
     return lambda hello: wire.signature_mismatch(ours, hello.get("signature"))
@@ -232,28 +238,12 @@ def test_a_worker_stalling_mid_frame_is_cut_off_at_the_frame_timeout(make_server
     assert any(e["event"] == "left" and "part of a message" in e["reason"] for e in server.events)
 
 
-class DeafWorker(FakeWorker):
-    """Joins, then never reads: what the server sends it piles up in the socket buffers."""
-
-    def run(self) -> None:
-        try:
-            hello = {"name": self.name_, "signature": wire.model_signature(self.module)}
-            wire.client_handshake(self.sock, hello, self.secret, timeout=5, max_frame=2**20)
-            self.joined.set()
-            time.sleep(5.0)
-        finally:
-            self.sock.close()
-
-
 def test_a_worker_that_stops_reading_neither_blocks_the_others_nor_the_round(make_server):
     """8 MB of parameters: more than the socket buffers take from a peer that does not read. The server
     sends to everyone at once, so the reading worker gets its share, and the deaf one is cut off."""
-    def model() -> nn.Module:
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(1024, 2048), nn.BatchNorm1d(2048))
-
-    server = make_server(model(), frame_timeout=1.0, max_frame=2**25)
-    deaf, good = DeafWorker(server.address, answer_with(1.0), model(), name="deaf"), FakeWorker(server.address, answer_with(1.0), model(), name="good")
+    server = make_server(wide_model(), frame_timeout=1.0, max_frame=2**25)
+    deaf = FakeWorker(server.address, answer_with(1.0), wide_model(), name="deaf", start_delay=5.0)  # joins, then does not read
+    good = FakeWorker(server.address, answer_with(1.0), wide_model(), name="good")
     join(server, deaf, good)
     started = time.monotonic()
     result = server.run_round(0, micro_batches(8), version=0)
@@ -285,13 +275,9 @@ def test_a_joined_worker_that_breaks_the_protocol_is_cut_off_and_its_share_reass
 def test_time_between_rounds_does_not_count_against_a_frame_in_flight(make_server):
     """A late starter misses round 1, leaving 8 MB of parameters half sent to it. The server does not send
     between rounds, so a pause longer than the frame timeout before round 2 is not held against the worker."""
-    def model() -> nn.Module:
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(1024, 2048), nn.BatchNorm1d(2048))
-
-    server = make_server(model(), round_timeout=0.5, frame_timeout=1.0, max_frame=2**25)
-    good = FakeWorker(server.address, answer_with(1.0), model(), name="good")
-    late = FakeWorker(server.address, answer_with(1.0), model(), name="late", start_delay=3.0)
+    server = make_server(wide_model(), round_timeout=0.5, frame_timeout=1.0, max_frame=2**25)
+    good = FakeWorker(server.address, answer_with(1.0), wide_model(), name="good")
+    late = FakeWorker(server.address, answer_with(1.0), wide_model(), name="late", start_delay=3.0)
     join(server, good, late)
     assert server.run_round(0, micro_batches(8), version=0).reassigned_samples == 32
     time.sleep(1.5)  # validation, a checkpoint...: longer than the frame timeout

@@ -353,11 +353,11 @@ class ParameterServer:
         timings = {"send": 0.0, "wait": 0.0, "aggregate": 0.0}
         todo = range(len(micro_batches))
         sizes = [len(mb) for mb in micro_batches]
-        round_samples = sum(sizes)
+        starts = list(itertools.accumulate(sizes, initial=0))  # where each micro-batch begins in all_indices
+        round_samples = starts[-1]
         # all the round's indices and micro-batch sizes in two tensors: a share (a run of micro-batches) is a slice
         all_indices = torch.cat(micro_batches).to(torch.int64) if micro_batches else torch.zeros(0, dtype=torch.int64)
         all_sizes = torch.tensor(sizes, dtype=torch.int64)
-        starts = list(itertools.accumulate(sizes, initial=0))
         workers = self.live_workers or self._wait_for_a_worker()
         grad_sum = torch.zeros(self.flat.num_params, dtype=torch.float32)  # becomes the weighted average
         float_sum = torch.zeros(self.flat.num_float_buffers, dtype=torch.float32)
@@ -498,7 +498,8 @@ class ParameterServer:
 
         t = time.perf_counter()
         self.flat.load_buffers(float_sum, int_max)
-        self.accounting.used(epoch, torch.cat(used) if used else torch.zeros(0, dtype=torch.int64))
+        if used:
+            self.accounting.used(epoch, torch.cat(used))
         self.accounting.round_done(epoch)
         timings["aggregate"] += time.perf_counter() - t
         timings["total"] = time.perf_counter() - started
