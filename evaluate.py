@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on the test split: overall and per-class accuracy, confusion matrix.
 
-    python evaluate.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt
-    python evaluate.py ckpt_path=... data_root=/elsewhere/data    # dataset moved since training
+python evaluate.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt
+python evaluate.py ckpt_path=... data_root=/elsewhere/data    # dataset moved since training
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Train a classifier from the Hydra config in conf/train.yaml.
 
-    python train.py                                  # CIFAR-10, improved CNN, 25 epochs
-    python train.py data=synthetic trainer.max_epochs=2
-    python train.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt   # resume
+python train.py                                  # CIFAR-10, improved CNN, 25 epochs
+python train.py data=synthetic trainer.max_epochs=2
+python train.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt   # resume
 """
 
 from __future__ import annotations

@@ -56,7 +56,9 @@ class Throughput(Callback):
         self._start: float | None = None
         self._start_step = 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int
+    ) -> None:
         if self._start is None and trainer.global_step >= self.warmup_steps:
             self._start, self._start_step = time.perf_counter(), trainer.global_step
 
@@ -103,10 +105,16 @@ class GracefulInterrupt(Callback):
                 raise KeyboardInterrupt
             return  # a SIGTERM on top (e.g. passed on by a DDP launcher) asks for nothing new
         self._requested = signal.Signals(signum).name
-        print(f"\n{self._requested}: stopping at the end of this optimizer step and saving last.ckpt "
-              f"(Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
+        print(
+            f"\n{self._requested}: stopping at the end of this optimizer step and saving last.ckpt "
+            f"(Ctrl-C again to stop at once)...",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not ends_optimizer_step(trainer, batch_idx):
             return
         stop = bool(self._requested)
@@ -160,7 +168,9 @@ class ExactResume(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         fit_loop = trainer.fit_loop
-        if not (fit_loop.restarting and fit_loop._combined_loader_states_to_load and fit_loop._combined_loader is not None):
+        if not (
+            fit_loop.restarting and fit_loop._combined_loader_states_to_load and fit_loop._combined_loader is not None
+        ):
             return  # a fresh run, or Lightning applied the position itself
         for loader in fit_loop._combined_loader.flattened:
             _set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)

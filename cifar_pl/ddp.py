@@ -61,7 +61,9 @@ class _StateReturningLauncher(_MultiProcessingLauncher):
             raise KeyboardInterrupt(received[0] if received else "interrupted")  # exit status 1, as one process
         return result
 
-    def _wrapping_function(self, process_idx: int, trainer: L.Trainer | None, function: Callable, *args: Any, **kwargs: Any) -> None:
+    def _wrapping_function(
+        self, process_idx: int, trainer: L.Trainer | None, function: Callable, *args: Any, **kwargs: Any
+    ) -> None:
         """In each rank, an interrupt takes the path Lightning gives it in a single process (callbacks'
         on_exception: last.ckpt; status interrupted), and rank 0's results still go back to this process."""
 
@@ -81,7 +83,10 @@ class _StateReturningLauncher(_MultiProcessingLauncher):
 
     def get_extra_results(self, trainer: L.Trainer) -> dict[str, Any]:
         extra = super().get_extra_results(trainer)
-        state = {"fit_loop": trainer.fit_loop.state_dict(), "callbacks": {c.state_key: c.state_dict() for c in trainer.callbacks}}
+        state = {
+            "fit_loop": trainer.fit_loop.state_dict(),
+            "callbacks": {c.state_key: c.state_dict() for c in trainer.callbacks},
+        }
         buffer = io.BytesIO()
         torch.save(state, buffer)  # as Lightning does for the metrics: bytes, read back weights_only
         extra["cifar_pl_state_bytes"] = buffer.getvalue()

@@ -90,8 +90,15 @@ def plot_confusion(confusion: torch.Tensor, classes: tuple[str, ...], title: str
         ax.set_yticks(range(k), classes)
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if rates[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(confusion[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)

@@ -84,7 +84,9 @@ def build_network(arch: str, in_channels: int, num_classes: int, dropout: float 
     the layout tensor cores want on GPUs)."""
     if arch not in NETWORKS:
         raise ValueError(f"unknown network {arch!r}; choose one of {sorted(NETWORKS)}")
-    net = ImprovedCNN(in_channels, num_classes, dropout=dropout) if arch == "cnn" else LegacyNet(in_channels, num_classes)
+    net = (
+        ImprovedCNN(in_channels, num_classes, dropout=dropout) if arch == "cnn" else LegacyNet(in_channels, num_classes)
+    )
     return net.to(memory_format=torch.channels_last)
 
 

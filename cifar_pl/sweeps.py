@@ -28,7 +28,16 @@ from omegaconf import DictConfig  # noqa: E402
 log = logging.getLogger(__name__)
 
 EPOCHS_KEY = "trainer.max_epochs"
-RESULT_COLUMNS = ["status", "epochs", "train_seconds", "seconds_per_epoch", "best_val/acc", "test/acc", "params", "error"]
+RESULT_COLUMNS = [
+    "status",
+    "epochs",
+    "train_seconds",
+    "seconds_per_epoch",
+    "best_val/acc",
+    "test/acc",
+    "params",
+    "error",
+]
 
 
 @dataclass
@@ -102,7 +111,10 @@ def load_job(job_dir: Path) -> Job:
             raise ValueError("not a JSON object")
     except FileNotFoundError:
         reason = _last_error_line(job_dir)
-        metrics = {"status": "failed", "error": "no metrics.json (the job stopped before training)" + (f": {reason}" if reason else "")}
+        metrics = {
+            "status": "failed",
+            "error": "no metrics.json (the job stopped before training)" + (f": {reason}" if reason else ""),
+        }
     except (OSError, ValueError) as error:
         metrics = {"status": "failed", "error": f"unreadable metrics.json: {error}"}
     if metrics.get("status") == "running":  # killed without a chance to record it
@@ -205,7 +217,9 @@ def summarize_sweep(sweep_dir: str | Path) -> SweepSummary:
     """Write results.csv, results.md, time_vs_epochs.png and accuracy_vs_epochs.png into ``sweep_dir``."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"{sweep_dir} is not a directory: give the folder of a multirun (multirun/<date>/<time>)")
+        raise FileNotFoundError(
+            f"{sweep_dir} is not a directory: give the folder of a multirun (multirun/<date>/<time>)"
+        )
     jobs = find_jobs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(

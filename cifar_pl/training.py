@@ -57,7 +57,9 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], logger: Logger | b
     if not cfg.trainer.get("enable_progress_bar", True):
         # trainer.enable_progress_bar=false alone switches the bar off (Lightning refuses the pair otherwise)
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, precision=precision, strategy=build_strategy(cfg))
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=logger, precision=precision, strategy=build_strategy(cfg)
+    )
 
 
 def build_tester(cfg: DictConfig, trainer: L.Trainer) -> L.Trainer:
@@ -193,11 +195,16 @@ def run_worker(cfg: DictConfig) -> dict[str, Any]:
     name = f"{socket.gethostname()}-{os.getpid()}"
     try:
         worker_settings = WorkerSettings(
-            address=settings.address, name=name, secret=wire.load_secret(settings.get("secret_file")),
-            connect_timeout=float(settings.get("join_timeout", 120.0)), max_frame=int(settings.get("max_frame_mb", 256)) * 2**20,
+            address=settings.address,
+            name=name,
+            secret=wire.load_secret(settings.get("secret_file")),
+            connect_timeout=float(settings.get("join_timeout", 120.0)),
+            max_frame=int(settings.get("max_frame_mb", 256)) * 2**20,
             reconnect_timeout=float(settings.get("reconnect_timeout", 60.0)),
         )
-        code = Worker(model.to(device), datamodule, resolve_precision(cfg.trainer.precision, accelerator), worker_settings).run()
+        code = Worker(
+            model.to(device), datamodule, resolve_precision(cfg.trainer.precision, accelerator), worker_settings
+        ).run()
     except (wire.ProtocolError, ConnectionError) as error:
         raise ConfigurationError(f"worker {name} stopped: {error}") from None
     except KeyboardInterrupt:
@@ -230,7 +237,11 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
 
 def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) -> None:
     """One HParams entry per run: its settings and final metrics, so TensorBoard compares a sweep's jobs."""
-    final = {f"hparams/{k.replace('/', '_')}": float(metrics[k]) for k in FINAL_METRICS if isinstance(metrics.get(k), (int, float))}
+    final = {
+        f"hparams/{k.replace('/', '_')}": float(metrics[k])
+        for k in FINAL_METRICS
+        if isinstance(metrics.get(k), (int, float))
+    }
     for logger in trainer.loggers:
         logger.log_hyperparams(hparams_of(cfg), metrics=final)
         logger.save()

@@ -130,8 +130,10 @@ def pipeline(args: argparse.Namespace) -> dict[str, Any]:
         datamodule: ImageDataModule = instantiate(cfg.data, _convert_="all")
         datamodule.setup()
         batches = args.batches or math.ceil(len(datamodule.train_set) / cfg.data.batch_size)
-        print(f"{batches} batches of {cfg.data.batch_size} per measurement, {threads} threads, "
-              f"precision {resolve_precision(cfg.trainer.precision, 'cpu')}, {args.repeats} alternating repeats")
+        print(
+            f"{batches} batches of {cfg.data.batch_size} per measurement, {threads} threads, "
+            f"precision {resolve_precision(cfg.trainer.precision, 'cpu')}, {args.repeats} alternating repeats"
+        )
         # warm up both contenders (oneDNN kernels, first-run code paths) before anything is timed
         time_baseline(cfg, datamodule, 40, seed=0)
         time_project(cfg.copy(), datamodule, 40, run=-1)
@@ -142,8 +144,10 @@ def pipeline(args: argparse.Namespace) -> dict[str, Any]:
             baseline.append(time_baseline(cfg, datamodule, args.batches, seed=r))
             if r % 2 == 1:
                 project.append(time_project(cfg.copy(), datamodule, args.batches, r))
-            print(f"  repeat {r + 1}: project {project[-1]:.2f} s, baseline {baseline[-1]:.2f} s, "
-                  f"ratio {project[-1] / baseline[-1]:.3f}")
+            print(
+                f"  repeat {r + 1}: project {project[-1]:.2f} s, baseline {baseline[-1]:.2f} s, "
+                f"ratio {project[-1] / baseline[-1]:.3f}"
+            )
     scale = math.ceil(len(datamodule.train_set) / cfg.data.batch_size) / batches
     project_s, baseline_s = statistics.median(project) * scale, statistics.median(baseline) * scale
     # each project run against the baseline run beside it: cancels the machine's drift between repeats
@@ -156,8 +160,10 @@ def pipeline(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats,
         "threads": threads,
     }
-    print(f"project {project_s:.2f} s/epoch, minimal loop {baseline_s:.2f} s/epoch (medians); "
-          f"median paired ratio {result['pipeline_ratio']:.3f}")
+    print(
+        f"project {project_s:.2f} s/epoch, minimal loop {baseline_s:.2f} s/epoch (medians); "
+        f"median paired ratio {result['pipeline_ratio']:.3f}"
+    )
     return result
 
 
@@ -180,18 +186,33 @@ def time_strategy(workdir: Path, name: str, overrides: list[str], steps: int, th
     trainer.fit(model, datamodule=datamodule)
     processes = trainer.world_size if trainer.world_size > 1 else getattr(trainer.strategy, "workers", 1)
     samples_per_step = processes * cfg.data.batch_size * cfg.trainer.accumulate_grad_batches
-    result = {"samples_per_s": meter.steps_per_second * samples_per_step, "steps": meter.steps,
-              "samples_per_step": samples_per_step}
+    result = {
+        "samples_per_s": meter.steps_per_second * samples_per_step,
+        "steps": meter.steps,
+        "samples_per_step": samples_per_step,
+    }
     if hasattr(trainer.strategy, "round_ms"):
         result["round_ms"] = trainer.strategy.round_ms()
-    print(f"  {name:16s} {result['samples_per_s']:8.1f} samples/s ({meter.steps} steps in {meter.seconds:.1f} s, "
-          f"{samples_per_step} samples per step)", flush=True)
+    print(
+        f"  {name:16s} {result['samples_per_s']:8.1f} samples/s ({meter.steps} steps in {meter.seconds:.1f} s, "
+        f"{samples_per_step} samples per step)",
+        flush=True,
+    )
     return result
 
 
-STRATEGY_DATA = ["data=synthetic", "data.options.train_size=20000", "data.options.test_size=1000", "data.val_size=1000",
-                 "trainer.accelerator=cpu", "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null",
-                 "callbacks.recovery_checkpoint=null", "+trainer.enable_checkpointing=false", "test_after_fit=false"]
+STRATEGY_DATA = [
+    "data=synthetic",
+    "data.options.train_size=20000",
+    "data.options.test_size=1000",
+    "data.val_size=1000",
+    "trainer.accelerator=cpu",
+    "callbacks.model_checkpoint=null",
+    "callbacks.last_checkpoint=null",
+    "callbacks.recovery_checkpoint=null",
+    "+trainer.enable_checkpointing=false",
+    "test_after_fit=false",
+]
 WARMUP_STEPS = 5
 
 
@@ -203,8 +224,10 @@ def strategies(args: argparse.Namespace) -> dict[str, Any]:
         "ddp_2": ["strategy=ddp", "trainer.devices=2", f"strategy.threads_per_process={threads}"],
         "ps_2_workers": ["strategy=parameter_server", "strategy.workers=2", f"strategy.worker_threads={threads}"],
     }
-    print(f"{args.steps} optimizer steps each after {WARMUP_STEPS} warm-up steps, {threads} thread(s) per process, "
-          f"{args.repeats} alternating repeats")
+    print(
+        f"{args.steps} optimizer steps each after {WARMUP_STEPS} warm-up steps, {threads} thread(s) per process, "
+        f"{args.repeats} alternating repeats"
+    )
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
@@ -229,7 +252,9 @@ def strategies(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _simulated_workers(host: str, port: int, count: int, sizes: tuple[int, int, int], max_frame: int, ready: Any) -> None:
+def _simulated_workers(
+    host: str, port: int, count: int, sizes: tuple[int, int, int], max_frame: int, ready: Any
+) -> None:
     """``count`` workers in one process: real connections, handshake and frames, gradients of the real sizes,
     no model compute (each answers an assignment at once with a preallocated gradient). When they are done,
     puts ("cpu", seconds) on ``ready``: the process's CPU time from the first timed round on."""
@@ -256,8 +281,13 @@ def _simulated_workers(host: str, port: int, count: int, sizes: tuple[int, int, 
                     if not cpu_started and message.meta["round"] > 1:  # round 1 is the warm-up
                         with lock:
                             cpu_started[:] = cpu_started or [time.process_time()]
-                    meta = {"round": message.meta["round"], "assignment": message.meta["assignment"],
-                            "samples": len(message.tensors[0]), "loss_sum": 0.0, "correct": 0}
+                    meta = {
+                        "round": message.meta["round"],
+                        "assignment": message.meta["assignment"],
+                        "samples": len(message.tensors[0]),
+                        "loss_sum": 0.0,
+                        "correct": 0,
+                    }
                     wire.send_message(sock, wire.Message(wire.MessageType.GRADS, meta, [grads, floats, ints]), 60)
                 elif message.type == wire.MessageType.DONE:
                     return
@@ -331,8 +361,10 @@ def _naive_rounds_per_s(workers: int, size: int, processes: int, seconds: float)
     listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
     host, port = listener.getsockname()[:2]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_echo_workers, args=(host, port, n, size), daemon=True)
-             for n in (len(range(p, workers, processes)) for p in range(processes))]
+    procs = [
+        ctx.Process(target=_echo_workers, args=(host, port, n, size), daemon=True)
+        for n in (len(range(p, workers, processes)) for p in range(processes))
+    ]
     for proc in procs:
         proc.start()
     conns = [listener.accept()[0] for _ in range(workers)]
@@ -375,8 +407,10 @@ def server_load(args: argparse.Namespace) -> dict[str, Any]:
     processes = max(1, min(args.workers, args.processes))
     ctx, ready = mp.get_context("spawn"), None
     ready = ctx.Queue()
-    procs = [ctx.Process(target=_simulated_workers, args=(host, port, n, sizes, settings.max_frame, ready), daemon=True)
-             for n in (len(range(p, args.workers, processes)) for p in range(processes))]
+    procs = [
+        ctx.Process(target=_simulated_workers, args=(host, port, n, sizes, settings.max_frame, ready), daemon=True)
+        for n in (len(range(p, args.workers, processes)) for p in range(processes))
+    ]
     for proc in procs:
         proc.start()
     for _ in range(args.workers):
@@ -422,11 +456,13 @@ def server_load(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": len(latencies),
         "seconds": round(elapsed, 2),
     }
-    print(f"{args.workers} simulated workers, {sizes[0]:,} parameters: {result['rounds_per_s']} rounds/s, "
-          f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, peak {result['peak_mib']} MiB, server CPU "
-          f"{result['server_cpu_ms_per_round']} ms per round (simulated workers: {result['workers_cpu_ms_per_round']} ms); "
-          f"copying {result['mb_per_round']} MB once per round would allow {bound:.0f} rounds/s; a naive sequential "
-          f"server moving the same bytes over raw sockets does {naive:.0f} rounds/s")
+    print(
+        f"{args.workers} simulated workers, {sizes[0]:,} parameters: {result['rounds_per_s']} rounds/s, "
+        f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, peak {result['peak_mib']} MiB, server CPU "
+        f"{result['server_cpu_ms_per_round']} ms per round (simulated workers: {result['workers_cpu_ms_per_round']} ms); "
+        f"copying {result['mb_per_round']} MB once per round would allow {bound:.0f} rounds/s; a naive sequential "
+        f"server moving the same bytes over raw sockets does {naive:.0f} rounds/s"
+    )
     return result
 
 
@@ -438,12 +474,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="alternating measurements of each (medians are kept)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.set_defaults(run=pipeline)
-    s = sub.add_parser("strategies", help="single process, DDP with 2 processes and the parameter server with 2 workers")
+    s = sub.add_parser(
+        "strategies", help="single process, DDP with 2 processes and the parameter server with 2 workers"
+    )
     s.add_argument("--steps", type=int, default=60, help="timed optimizer steps per strategy (after the warm-up)")
     s.add_argument("--repeats", type=int, default=3, help="alternating runs of each (medians are kept)")
     s.add_argument("--threads", type=int, default=1, help="CPU threads per process (default 1: 2 processes on 2 cores)")
     s.set_defaults(run=strategies)
-    load = sub.add_parser("server-load", help="the real server against simulated workers on 127.0.0.1 (no model compute)")
+    load = sub.add_parser(
+        "server-load", help="the real server against simulated workers on 127.0.0.1 (no model compute)"
+    )
     load.add_argument("--workers", type=int, default=8)
     load.add_argument("--params", type=int, default=0, help="model size (default: the improved CNN, 104,362)")
     load.add_argument("--seconds", type=float, default=10.0, help="how long to drive rounds")

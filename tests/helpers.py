@@ -30,6 +30,7 @@ TINY_SYNTHETIC = [
 
 # --- genuine on-disk formats -------------------------------------------------------------------------
 
+
 def cifar_records(count: int, label_bytes: int, num_classes: int, seed: int) -> tuple[bytes, np.ndarray, np.ndarray]:
     """``count`` CIFAR binary records: ``label_bytes`` label bytes (the last is the class) then 3072
     channel-major pixels. Returns the bytes, the images ``[N, 3, 32, 32]`` and the class labels."""
@@ -90,6 +91,7 @@ def write_fashion_mnist(folder: Path, train: int = 40, test: int = 20, gz: bool 
 
 
 # --- configs and runs ----------------------------------------------------------------------------------
+
 
 def compose_config(tmp_path: Path, overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
     """Compose a config the way ``train.py`` would, with every path under ``tmp_path``."""
@@ -157,11 +159,14 @@ def tensorboard_hparams(log_dir: Path) -> list[dict[str, object]]:
             data = plugin_data_pb2.HParamsPluginData.FromString(content)
             if data.HasField("session_start_info"):
                 hparams = data.session_start_info.hparams
-                sessions.append({k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in hparams.items()})
+                sessions.append(
+                    {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in hparams.items()}
+                )
     return sessions
 
 
 # --- parameter server ---------------------------------------------------------------------------------
+
 
 def _live_processes() -> dict[int, tuple[bytes, int]]:
     """{pid: (command line, parent pid)} of every running (not zombie) process on this machine."""
@@ -185,15 +190,23 @@ def worker_processes() -> list[int]:
 
 
 # what the project starts: train.py/evaluate.py, parameter-server workers, DDP ranks and benchmark helpers
-_PROJECT_MARKERS = (b"train.py", b"evaluate.py", b"cifar_pl.parameter_server", b"multiprocessing.spawn",
-                    b"experiments/benchmark.py")
+_PROJECT_MARKERS = (
+    b"train.py",
+    b"evaluate.py",
+    b"cifar_pl.parameter_server",
+    b"multiprocessing.spawn",
+    b"experiments/benchmark.py",
+)
 
 
 def project_processes() -> set[int]:
     """PIDs of this test session's children and of every process the project starts, still running."""
     me = os.getpid()
-    return {pid for pid, (cmdline, parent) in _live_processes().items()
-            if pid != me and (parent == me or any(m in cmdline for m in _PROJECT_MARKERS))}
+    return {
+        pid
+        for pid, (cmdline, parent) in _live_processes().items()
+        if pid != me and (parent == me or any(m in cmdline for m in _PROJECT_MARKERS))
+    }
 
 
 class KillWorkerAt(L.Callback):
@@ -245,8 +258,12 @@ def malformed_frames(count: int, seed: int) -> list[bytes]:
     from cifar_pl.parameter_server import protocol as wire
 
     rng = random.Random(seed)
-    hello = b"".join(bytes(p) for p in wire.encode(wire.Message(wire.MessageType.HELLO, {"name": "fuzz", "nonce": "00" * 32})))
-    grads = b"".join(bytes(p) for p in wire.encode(wire.Message(wire.MessageType.GRADS, {"round": 1}, [torch.ones(64)])))
+    hello = b"".join(
+        bytes(p) for p in wire.encode(wire.Message(wire.MessageType.HELLO, {"name": "fuzz", "nonce": "00" * 32}))
+    )
+    grads = b"".join(
+        bytes(p) for p in wire.encode(wire.Message(wire.MessageType.GRADS, {"round": 1}, [torch.ones(64)]))
+    )
     header = wire.HEADER
 
     def payload_frame(meta: bytes, tail: bytes = b"", kind: int = wire.MessageType.HELLO) -> bytes:
@@ -260,13 +277,17 @@ def malformed_frames(count: int, seed: int) -> list[bytes]:
         lambda: header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, wire.MessageType.HELLO, 0, rng.randint(2**31, 2**63)),
         lambda: header.pack(wire.MAGIC, rng.choice([0, 2, 9, 255]), wire.MessageType.HELLO, 0, 8) + bytes(8),
         lambda: header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, rng.choice([0, 11, 99, 255]), 0, 8) + bytes(8),
-        lambda: header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, wire.MessageType.HELLO, rng.randint(1, 65535), 8) + bytes(8),
+        lambda: (
+            header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, wire.MessageType.HELLO, rng.randint(1, 65535), 8) + bytes(8)
+        ),
         lambda: header.pack(rng.randbytes(4), wire.PROTOCOL_VERSION, wire.MessageType.HELLO, 0, 8) + bytes(8),
         lambda: payload_frame(rng.randbytes(rng.randint(0, 200))),
         lambda: payload_frame(b'{"tensors": [{"dtype": "object", "shape": [1]}]}', bytes(8)),
         lambda: payload_frame(b'{"tensors": [{"dtype": "float32", "shape": [1099511627776]}]}'),
         lambda: payload_frame(b"[" * 5000 + b"]" * 5000),
-        lambda: payload_frame(b'{"tensors": []}', kind=rng.choice([wire.MessageType.GRADS, wire.MessageType.AUTH, wire.MessageType.DONE])),
+        lambda: payload_frame(
+            b'{"tensors": []}', kind=rng.choice([wire.MessageType.GRADS, wire.MessageType.AUTH, wire.MessageType.DONE])
+        ),
         lambda: (2**32 - 1).to_bytes(4, "big").join([header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, 1, 0, 100), b""]),
     ]
     return [rng.choice(makers)() for _ in range(count)]

@@ -122,8 +122,15 @@ def test_train_batches_augmented_and_val_batches_not_through_a_trainer():
 
     dm = _datamodule(batch_size=300)  # one batch = the whole (shuffled) training split
     dm.source = GreySource()
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=1)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_train_batches=1,
+    )
     trainer.fit(Probe(), dm)
     x_train, _ = seen["train"]
     x_val, _ = seen["val"]

@@ -24,6 +24,7 @@ from tests.helpers import cifar_records, idx_bytes, write_cifar10, write_fashion
 
 # --- CIFAR ----------------------------------------------------------------------------------------
 
+
 def test_cifar10_binary_parses_to_the_written_images_and_labels(tmp_path):
     written = write_cifar10(tmp_path, per_file=20, test_count=30)
     arrays = CifarSource(CIFAR10).load(tmp_path)
@@ -80,6 +81,7 @@ def test_missing_cifar_without_download_names_the_path(tmp_path):
 
 
 # --- the download path, against a real HTTP server on 127.0.0.1 ------------------------------------
+
 
 @pytest.fixture
 def http_server(tmp_path):
@@ -147,6 +149,7 @@ def test_unreachable_server_names_url_and_path(tmp_path):
 
 
 # --- Fashion-MNIST ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_fashion_mnist_idx_parses_and_pads_to_32(tmp_path, gz):

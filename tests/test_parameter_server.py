@@ -45,8 +45,14 @@ def _report(run_dir: Path) -> dict:
 
 def test_one_worker_reproduces_single_process_training(tmp_path):
     """float32, dropout on, same seed and thread count: the same parameters after every step."""
-    common = [*PS_TINY, "trainer.max_epochs=2", "trainer.precision=32-true", "test_after_fit=false",
-              "num_threads=2", "++strategy.worker_threads=2"]
+    common = [
+        *PS_TINY,
+        "trainer.max_epochs=2",
+        "trainer.precision=32-true",
+        "test_after_fit=false",
+        "num_threads=2",
+        "++strategy.worker_threads=2",
+    ]
     results = {}
     for name, extra in (("single", []), ("ps", ["strategy=parameter_server", "strategy.workers=1"])):
         cfg = compose_config(tmp_path, [*common, *extra])
@@ -86,11 +92,23 @@ def test_a_worker_killed_mid_epoch_does_not_stop_training(tmp_path):
     run_dir = tmp_path / "run"
     env_secret = {"CIFAR_PL_PS_SECRET": "loopback test secret"}  # authenticated, end to end
     result = subprocess.run(
-        [sys.executable, str(Path(__file__).parents[1] / "train.py"), *PS_TINY, "trainer.max_epochs=3",
-         "strategy=parameter_server", "strategy.workers=2",
-         "+callbacks.chaos._target_=tests.helpers.KillWorkerAt", "+callbacks.chaos.epoch=1", "+callbacks.chaos.round=1",
-         f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, env={**os.environ, **env_secret}, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            str(Path(__file__).parents[1] / "train.py"),
+            *PS_TINY,
+            "trainer.max_epochs=3",
+            "strategy=parameter_server",
+            "strategy.workers=2",
+            "+callbacks.chaos._target_=tests.helpers.KillWorkerAt",
+            "+callbacks.chaos.epoch=1",
+            "+callbacks.chaos.round=1",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, **env_secret},
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -119,17 +137,31 @@ class StartWorkerAt(L.Callback):
         server = trainer.strategy.server
         spec = Path(trainer.default_root_dir) / "parameter_server" / "worker_spec.json"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cifar_pl.parameter_server.worker", "--spec", str(spec),
-             "--address", f"{server.address[0]}:{server.address[1]}", "--name", "late", "--parent-pid", str(os.getpid())],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "cifar_pl.parameter_server.worker",
+                "--spec",
+                str(spec),
+                "--address",
+                f"{server.address[0]}:{server.address[1]}",
+                "--name",
+                "late",
+                "--parent-pid",
+                str(os.getpid()),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         assert server.wait_for_workers(2, timeout=60) == 2
 
 
 def test_a_worker_joining_mid_run_takes_part_in_later_rounds(tmp_path):
     late = StartWorkerAt(epoch=1)
-    cfg = compose_config(tmp_path, [*PS_TINY, "trainer.max_epochs=3", "strategy=parameter_server", "strategy.workers=1",
-                                    "test_after_fit=false"])
+    cfg = compose_config(
+        tmp_path,
+        [*PS_TINY, "trainer.max_epochs=3", "strategy=parameter_server", "strategy.workers=1", "test_after_fit=false"],
+    )
     original = __import__("cifar_pl.training", fromlist=["instantiate_callbacks"]).instantiate_callbacks
     try:
         import cifar_pl.training as training
@@ -150,12 +182,18 @@ def test_a_worker_joining_mid_run_takes_part_in_later_rounds(tmp_path):
     assert all(epoch["every_sample_exactly_once"] for epoch in report["epochs"])
 
 
-@pytest.mark.parametrize("strategy", [["strategy=parameter_server", "strategy.workers=1,2"],
-                                      ["strategy=ddp", "trainer.devices=2", "trainer.max_epochs=1,2"]])
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["strategy=parameter_server", "strategy.workers=1,2"],
+        ["strategy=ddp", "trainer.devices=2", "trainer.max_epochs=1,2"],
+    ],
+)
 def test_distributed_strategies_inside_a_multirun(tmp_path, strategy):
     sweep = tmp_path / "multirun"
-    result = run_script("train.py", ["-m", *PS_TINY, "trainer.max_epochs=1", *strategy, f"hydra.sweep.dir={sweep}"],
-                        cwd=tmp_path)
+    result = run_script(
+        "train.py", ["-m", *PS_TINY, "trainer.max_epochs=1", *strategy, f"hydra.sweep.dir={sweep}"], cwd=tmp_path
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
     assert len(jobs) == 2, "each job runs once: nothing relaunched the sweep"
@@ -166,8 +204,14 @@ def test_distributed_strategies_inside_a_multirun(tmp_path, strategy):
 def test_a_worker_that_cannot_reach_its_server_says_so(tmp_path):
     result = run_script(
         "train.py",
-        [*PS_TINY, "strategy=parameter_server", "strategy.role=worker", "strategy.address=127.0.0.1:9",
-         "strategy.join_timeout=1", f"hydra.run.dir={tmp_path / 'worker'}"],
+        [
+            *PS_TINY,
+            "strategy=parameter_server",
+            "strategy.role=worker",
+            "strategy.address=127.0.0.1:9",
+            "strategy.join_timeout=1",
+            f"hydra.run.dir={tmp_path / 'worker'}",
+        ],
         cwd=tmp_path,
     )
     assert result.returncode == 2

@@ -79,8 +79,12 @@ def sample_tensors() -> list[torch.Tensor]:
     for dtype in ALLOWED_DTYPES.values():
         strided = random_tensor(dtype, (4, 6), g)[:, ::2].t()
         assert not strided.is_contiguous()
-        tensors += [random_tensor(dtype, (2, 3, 4), g), random_tensor(dtype, (0, 5), g),
-                    random_tensor(dtype, (), g), strided]
+        tensors += [
+            random_tensor(dtype, (2, 3, 4), g),
+            random_tensor(dtype, (0, 5), g),
+            random_tensor(dtype, (), g),
+            strided,
+        ]
     tensors.append(torch.randn(3, generator=g, requires_grad=True))
     return tensors
 
@@ -125,8 +129,9 @@ def test_every_message_type_round_trips_over_a_socket(pair, kind: MessageType) -
 def test_a_message_larger_than_the_socket_buffers_arrives_whole(pair) -> None:
     a, b = pair
     big = torch.arange(3 * MIB, dtype=torch.float32)
-    sender = threading.Thread(target=send_message, args=(a, Message(MessageType.GRADS, {"n": 1}, [big]), TIMEOUT),
-                              daemon=True)
+    sender = threading.Thread(
+        target=send_message, args=(a, Message(MessageType.GRADS, {"n": 1}, [big]), TIMEOUT), daemon=True
+    )
     sender.start()
     got = recv_message(b, DEFAULT_MAX_FRAME, TIMEOUT)
     sender.join(timeout=TIMEOUT)
@@ -148,20 +153,31 @@ def test_tensor_data_starts_eight_byte_aligned_in_the_payload(meta: dict) -> Non
     assert decode_bytes(frame_bytes(Message(MessageType.PARAMS, meta, [torch.ones(2)]))).meta == meta
 
 
-@pytest.mark.parametrize("message, words", [
-    (Message(MessageType.PARAMS, {"tensors": []}), '"tensors"'),
-    (Message(MessageType.PARAMS, {}, [torch.zeros(2, dtype=torch.float64)]), "float64"),
-    (Message(MessageType.PARAMS, {}, [torch.zeros(1)] * 65), "65 tensors"),
-    (Message(MessageType.PARAMS, {}, [torch.zeros([1] * 9)]), "9 dimensions"),
-    (Message(MessageType.PARAMS, {"x": "y" * MAX_META}), "at most"),
-])
+@pytest.mark.parametrize(
+    "message, words",
+    [
+        (Message(MessageType.PARAMS, {"tensors": []}), '"tensors"'),
+        (Message(MessageType.PARAMS, {}, [torch.zeros(2, dtype=torch.float64)]), "float64"),
+        (Message(MessageType.PARAMS, {}, [torch.zeros(1)] * 65), "65 tensors"),
+        (Message(MessageType.PARAMS, {}, [torch.zeros([1] * 9)]), "9 dimensions"),
+        (Message(MessageType.PARAMS, {"x": "y" * MAX_META}), "at most"),
+    ],
+)
 def test_encode_refuses_what_the_peer_would_refuse(message: Message, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         encode(message)
 
 
-def raw_frame(meta: Any = None, data: bytes = b"", *, magic: bytes = MAGIC, version: int = PROTOCOL_VERSION,
-              kind: int = MessageType.PARAMS, flags: int = 0, meta_len: int | None = None) -> bytes:
+def raw_frame(
+    meta: Any = None,
+    data: bytes = b"",
+    *,
+    magic: bytes = MAGIC,
+    version: int = PROTOCOL_VERSION,
+    kind: int = MessageType.PARAMS,
+    flags: int = 0,
+    meta_len: int | None = None,
+) -> bytes:
     """A hand-made frame; ``meta`` is JSON-encoded unless given as bytes."""
     meta = {"tensors": []} if meta is None else meta
     body = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
@@ -340,12 +356,15 @@ def test_sending_to_a_closed_peer_is_peer_closed(pair) -> None:
 
 # --- FrameReader and FrameWriter: the non-blocking, buffer-reusing path of long-lived connections ----------
 
+
 def test_a_reader_pops_every_frame_that_arrived_in_one_read(pair) -> None:
     a, b = pair
     b.setblocking(False)
     reader = FrameReader(DEFAULT_MAX_FRAME)
     assert reader.read(b) is False  # nothing there yet: no error, no message
-    a.sendall(b"".join(frame_bytes(Message(MessageType.GRADS, {"i": i}, [torch.full((4,), float(i))])) for i in range(3)))
+    a.sendall(
+        b"".join(frame_bytes(Message(MessageType.GRADS, {"i": i}, [torch.full((4,), float(i))])) for i in range(3))
+    )
     time.sleep(0.05)
     assert reader.read(b) is True
     got = [reader.pop(), reader.pop(), reader.pop()]
@@ -381,7 +400,10 @@ def test_a_reader_keeps_the_unread_start_of_the_next_frame_across_reads(pair) ->
     b.setblocking(False)
     reader = FrameReader(DEFAULT_MAX_FRAME, capacity=1 << 20)
     big = torch.arange(100_000, dtype=torch.float32)
-    small, large = frame_bytes(Message(MessageType.ERROR, {"reason": "x"})), frame_bytes(Message(MessageType.PARAMS, {}, [big]))
+    small, large = (
+        frame_bytes(Message(MessageType.ERROR, {"reason": "x"})),
+        frame_bytes(Message(MessageType.PARAMS, {}, [big])),
+    )
     a.sendall(small + large[: len(large) // 2])
     time.sleep(0.05)
     assert reader.read(b) and reader.pop().meta == {"reason": "x"} and reader.pop() is None and reader.partial
@@ -446,8 +468,10 @@ def test_a_writer_to_a_closed_peer_is_peer_closed(pair) -> None:
 def _mutated_frames(rng: random.Random, count: int) -> list[bytes]:
     """Valid frames with flipped, cut or added bytes (length field kept consistent half of the time),
     hand-made metas with random descriptors, and garbage."""
-    bases = [frame_bytes(Message(kind, {"i": i}, sample_tensors()[i % 20: i % 20 + 5]))
-             for i, kind in enumerate(MessageType)]
+    bases = [
+        frame_bytes(Message(kind, {"i": i}, sample_tensors()[i % 20 : i % 20 + 5]))
+        for i, kind in enumerate(MessageType)
+    ]
     atoms = ["float32", "bfloat16", "uint8", "float64", "", 0, -1, 2**70, 1.5, True, None, [], {}, [2], [0, 3]]
     frames = []
     for i in range(count):
@@ -460,8 +484,10 @@ def _mutated_frames(rng: random.Random, count: int) -> list[bytes]:
             blob = bytearray(rng.choice(bases))
             blob = blob[: rng.randrange(len(blob) + 1)] + bytes(rng.randrange(256) for _ in range(rng.randint(0, 9)))
         elif choice == 2:
-            descriptors = [{"dtype": rng.choice(atoms), "shape": rng.choice([rng.choice(atoms), [rng.randint(-1, 4)]])}
-                           for _ in range(rng.randint(0, 3))]
+            descriptors = [
+                {"dtype": rng.choice(atoms), "shape": rng.choice([rng.choice(atoms), [rng.randint(-1, 4)]])}
+                for _ in range(rng.randint(0, 3))
+            ]
             blob = bytearray(raw_frame(tensors_meta(*descriptors), bytes(rng.randint(0, 40))))
         else:
             blob = bytearray(rng.randbytes(rng.randint(0, 80)))
@@ -524,7 +550,9 @@ def run_pair(server: Peer, client: Peer) -> dict[str, Any]:
 WELCOME = {"rank": 2, "world": 3}
 
 
-def server(secret: bytes | None, check: Callable[[dict], str | None] = lambda hello: None, timeout: float = TIMEOUT) -> Peer:
+def server(
+    secret: bytes | None, check: Callable[[dict], str | None] = lambda hello: None, timeout: float = TIMEOUT
+) -> Peer:
     return lambda sock: server_handshake(sock, secret, timeout, MIB, check, dict(WELCOME))
 
 
@@ -566,8 +594,10 @@ def test_a_worker_with_a_secret_refuses_a_server_without_one() -> None:
 
 def test_a_signature_veto_reaches_the_worker_as_signature_mismatch() -> None:
     seen = []
-    results = run_pair(server(None, lambda hello: seen.append(hello) or "signature differs: fc.weight [3, 4]"),
-                       client(None, {"signature": [["fc.weight", [2, 4], "float32"]]}))
+    results = run_pair(
+        server(None, lambda hello: seen.append(hello) or "signature differs: fc.weight [3, 4]"),
+        client(None, {"signature": [["fc.weight", [2, 4], "float32"]]}),
+    )
     assert seen[0]["signature"] == [["fc.weight", [2, 4], "float32"]]
     assert isinstance(results["server"], SignatureMismatch)
     assert isinstance(results["client"], SignatureMismatch)
@@ -659,21 +689,27 @@ def test_the_server_proves_it_knows_the_secret() -> None:
 def fake_server(answer: Callable[[bytes, dict], dict], challenge: str | None = None) -> Peer:
     """Reads HELLO, sends CHALLENGE (a fresh nonce unless given), reads AUTH, then WELCOMEs with
     ``answer(server_nonce, auth_meta)``."""
+
     def serve(sock: socket.socket) -> None:
         recv_message(sock, MIB, TIMEOUT)
         nonce = new_nonce()
         send_message(sock, Message(MessageType.CHALLENGE, {"nonce": challenge or nonce.hex()}), TIMEOUT)
         auth = recv_message(sock, MIB, TIMEOUT)
         send_message(sock, Message(MessageType.WELCOME, answer(nonce, auth.meta)), TIMEOUT)
+
     return serve
 
 
-@pytest.mark.parametrize("answer", [
-    lambda nonce, auth: {"mac": auth["mac"]},  # the worker's own tag reflected back
-    lambda nonce, auth: {"mac": "00" * 32},
-    lambda nonce, auth: {"mac": "not hex"},
-    lambda nonce, auth: {},
-], ids=["reflected", "wrong", "not-hex", "missing"])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda nonce, auth: {"mac": auth["mac"]},  # the worker's own tag reflected back
+        lambda nonce, auth: {"mac": "00" * 32},
+        lambda nonce, auth: {"mac": "not hex"},
+        lambda nonce, auth: {},
+    ],
+    ids=["reflected", "wrong", "not-hex", "missing"],
+)
 def test_the_worker_refuses_a_server_that_cannot_prove_the_secret(answer: Callable) -> None:
     results = run_pair(fake_server(answer), client(b"k"))
     assert isinstance(results["client"], AuthenticationError)
@@ -686,18 +722,23 @@ def test_the_worker_refuses_a_malformed_challenge() -> None:
 
 
 def make_net() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                               torch.nn.Linear(4, 2))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
 
 
 def test_model_signature_lists_parameters_then_persistent_buffers() -> None:
     net = make_net()
     net.register_buffer("scratch", torch.zeros(3), persistent=False)
     assert model_signature(net) == [
-        ["0.weight", [4, 3, 3, 3], "float32"], ["0.bias", [4], "float32"],
-        ["1.weight", [4], "float32"], ["1.bias", [4], "float32"],
-        ["3.weight", [2, 4], "float32"], ["3.bias", [2], "float32"],
-        ["1.running_mean", [4], "float32"], ["1.running_var", [4], "float32"],
+        ["0.weight", [4, 3, 3, 3], "float32"],
+        ["0.bias", [4], "float32"],
+        ["1.weight", [4], "float32"],
+        ["1.bias", [4], "float32"],
+        ["3.weight", [2, 4], "float32"],
+        ["3.bias", [2], "float32"],
+        ["1.running_mean", [4], "float32"],
+        ["1.running_var", [4], "float32"],
         ["1.num_batches_tracked", [], "int64"],
     ]
 
@@ -710,20 +751,35 @@ def test_identical_models_have_equal_signatures_also_after_json() -> None:
 
 def test_signature_differences_name_the_first_one() -> None:
     ours = model_signature(make_net())
-    wider = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5), torch.nn.Flatten(),
-                                torch.nn.Linear(5, 2))
+    wider = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5), torch.nn.Flatten(), torch.nn.Linear(5, 2)
+    )
     assert signature_mismatch(ours, model_signature(wider)) == (
-        "signature mismatch: 0.weight has shape [4, 3, 3, 3] here, [5, 3, 3, 3] on the peer")
+        "signature mismatch: 0.weight has shape [4, 3, 3, 3] here, [5, 3, 3, 3] on the peer"
+    )
     assert "0.weight has dtype float32 here, float16 on the peer" in signature_mismatch(
-        ours, model_signature(make_net().half()))
+        ours, model_signature(make_net().half())
+    )
     assert "1.num_batches_tracked is missing from the peer's model" in signature_mismatch(ours, ours[:-1])
     assert "extra entry head.bias" in signature_mismatch(ours, ours + [["head.bias", [2], "float32"]])
     assert "0.bias is missing" in signature_mismatch(ours, ours[:1] + ours[2:])
     assert "another order" in signature_mismatch(ours, [ours[1], ours[0], *ours[2:]])
 
 
-@pytest.mark.parametrize("garbage", [None, 3, "abc", {"a": 1}, [["x"]], [[1, [2], "float32"]],
-                                     [["w", [-1], "float32"]], [["w", [True], "float32"]], [["w", 2, "float32"]]])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        None,
+        3,
+        "abc",
+        {"a": 1},
+        [["x"]],
+        [[1, [2], "float32"]],
+        [["w", [-1], "float32"]],
+        [["w", [True], "float32"]],
+        [["w", 2, "float32"]],
+    ],
+)
 def test_garbage_is_not_a_valid_signature(garbage: Any) -> None:
     assert "not a valid signature" in signature_mismatch(model_signature(make_net()), garbage)
 

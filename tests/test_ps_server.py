@@ -50,8 +50,13 @@ def answer_with(value: float) -> Answer:
         grads = torch.full((flat.num_params,), value)
         floats = torch.full((flat.num_float_buffers,), value)
         ints = torch.full((flat.num_int_buffers,), 7, dtype=torch.int64)
-        meta = {"round": assign.meta["round"], "assignment": assign.meta["assignment"], "samples": len(indices),
-                "loss_sum": 2.0 * len(indices), "correct": len(indices) // 2}
+        meta = {
+            "round": assign.meta["round"],
+            "assignment": assign.meta["assignment"],
+            "samples": len(indices),
+            "loss_sum": 2.0 * len(indices),
+            "correct": len(indices) // 2,
+        }
         return Message(MessageType.GRADS, meta, [grads, floats, ints])
 
     return answer
@@ -62,8 +67,15 @@ class FakeWorker(threading.Thread):
     "close" to hang up, "half" to send half a gradient frame and go silent, or raw bytes to send as
     they are. Records every assignment's sample indices."""
 
-    def __init__(self, address: tuple[str, int], answer: Answer, module: nn.Module | None = None,
-                 secret: bytes | None = None, name: str = "fake", start_delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        answer: Answer,
+        module: nn.Module | None = None,
+        secret: bytes | None = None,
+        name: str = "fake",
+        start_delay: float = 0.0,
+    ) -> None:
         super().__init__(daemon=True)
         self.address, self.answer, self.secret, self.name_ = address, answer, secret, name
         self.start_delay = start_delay  # seconds between joining and reading its first frame
@@ -120,9 +132,17 @@ def make_server():
 
     def make(module: nn.Module | None = None, samples: int = 64, **settings) -> ParameterServer:
         module = module or tiny_model()
-        defaults = dict(address="127.0.0.1:0", round_timeout=5.0, worker_wait=2.0, handshake_timeout=2.0, frame_timeout=2.0,
-                        max_frame=2**20)
-        server = ParameterServer(module, ServerSettings(**{**defaults, **settings}), signature_check(module), SampleAccounting(samples))
+        defaults = dict(
+            address="127.0.0.1:0",
+            round_timeout=5.0,
+            worker_wait=2.0,
+            handshake_timeout=2.0,
+            frame_timeout=2.0,
+            max_frame=2**20,
+        )
+        server = ParameterServer(
+            module, ServerSettings(**{**defaults, **settings}), signature_check(module), SampleAccounting(samples)
+        )
         server.start()
         servers.append(server)
         return server
@@ -169,7 +189,10 @@ def test_uneven_shares_are_weighted_by_sample_count(make_server):
 
 def test_a_worker_that_hangs_up_mid_round_has_its_samples_reassigned(make_server):
     server = make_server()
-    good, quitter = FakeWorker(server.address, answer_with(1.0), name="good"), FakeWorker(server.address, lambda m, f: "close", name="quitter")
+    good, quitter = (
+        FakeWorker(server.address, answer_with(1.0), name="good"),
+        FakeWorker(server.address, lambda m, f: "close", name="quitter"),
+    )
     join(server, good, quitter)
     result = server.run_round(0, micro_batches(8), version=0)
     torch.testing.assert_close(result.gradient, torch.full_like(result.gradient, 1.0))  # only the good worker's
@@ -196,13 +219,18 @@ def slow_once(delay: float, value: float = 1.0) -> Answer:
 
 def test_a_straggler_is_dropped_for_the_round_and_takes_part_again(make_server):
     server = make_server(round_timeout=0.3)
-    good, slow = FakeWorker(server.address, answer_with(1.0), name="good"), FakeWorker(server.address, slow_once(1.5, 3.0), name="slow")
+    good, slow = (
+        FakeWorker(server.address, answer_with(1.0), name="good"),
+        FakeWorker(server.address, slow_once(1.5, 3.0), name="slow"),
+    )
     join(server, good, slow)
     started = time.monotonic()
     first = server.run_round(0, micro_batches(8), version=0)
     assert time.monotonic() - started < 1.2, "the round must not wait for the straggler"
     assert first.samples == 64 and first.reassigned_samples == 32
-    torch.testing.assert_close(first.gradient, torch.full_like(first.gradient, 1.0))  # the straggler's late answer is not in it
+    torch.testing.assert_close(
+        first.gradient, torch.full_like(first.gradient, 1.0)
+    )  # the straggler's late answer is not in it
     assert len(server.live_workers) == 2 and any(e["event"] == "straggler" for e in server.events)
     time.sleep(1.5)  # the straggler finishes its stale share (discarded) and is ready again
     second = server.run_round(1, micro_batches(8), version=1)  # the next epoch: the same samples again
@@ -213,7 +241,10 @@ def test_a_straggler_is_dropped_for_the_round_and_takes_part_again(make_server):
 
 def test_a_worker_that_never_answers_is_disconnected_after_repeated_late_rounds(make_server):
     server = make_server(round_timeout=0.2, max_strikes=2)
-    good, silent = FakeWorker(server.address, answer_with(1.0)), FakeWorker(server.address, lambda m, f: None, name="silent")
+    good, silent = (
+        FakeWorker(server.address, answer_with(1.0)),
+        FakeWorker(server.address, lambda m, f: None, name="silent"),
+    )
     join(server, good, silent)
     for step in range(2):
         assert server.run_round(0, micro_batches(8), version=step).samples == 64
@@ -228,7 +259,10 @@ def half_a_frame(assign: Message, flat: FlatState) -> str:
 def test_a_worker_stalling_mid_frame_is_cut_off_at_the_frame_timeout(make_server):
     """Half a gradient, then silence: the frame deadline ends it long before the round timeout would."""
     server = make_server(round_timeout=30.0, frame_timeout=0.3)
-    good, stalled = FakeWorker(server.address, answer_with(1.0), name="good"), FakeWorker(server.address, half_a_frame, name="stalled")
+    good, stalled = (
+        FakeWorker(server.address, answer_with(1.0), name="good"),
+        FakeWorker(server.address, half_a_frame, name="stalled"),
+    )
     join(server, good, stalled)
     started = time.monotonic()
     result = server.run_round(0, micro_batches(8), version=0)
@@ -242,7 +276,9 @@ def test_a_worker_that_stops_reading_neither_blocks_the_others_nor_the_round(mak
     """8 MB of parameters: more than the socket buffers take from a peer that does not read. The server
     sends to everyone at once, so the reading worker gets its share, and the deaf one is cut off."""
     server = make_server(wide_model(), frame_timeout=1.0, max_frame=2**25)
-    deaf = FakeWorker(server.address, answer_with(1.0), wide_model(), name="deaf", start_delay=5.0)  # joins, then does not read
+    deaf = FakeWorker(
+        server.address, answer_with(1.0), wide_model(), name="deaf", start_delay=5.0
+    )  # joins, then does not read
     good = FakeWorker(server.address, answer_with(1.0), wide_model(), name="good")
     join(server, deaf, good)
     started = time.monotonic()
@@ -254,16 +290,24 @@ def test_a_worker_that_stops_reading_neither_blocks_the_others_nor_the_round(mak
     assert any(e["event"] == "left" and "stopped reading" in e["reason"] for e in server.events)
 
 
-@pytest.mark.parametrize("reply, reason", [
-    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad magic"),
-    (struct.pack(">4sBBHQ", b"CFPS", 1, MessageType.GRADS, 0, 2**62), "above the cap"),
-    (b"".join(bytes(p) for p in wire.encode(Message(MessageType.HELLO, {"name": "again"}))), "unexpected HELLO"),
-])
-def test_a_joined_worker_that_breaks_the_protocol_is_cut_off_and_its_share_reassigned(make_server, reply: bytes, reason: str):
+@pytest.mark.parametrize(
+    "reply, reason",
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad magic"),
+        (struct.pack(">4sBBHQ", b"CFPS", 1, MessageType.GRADS, 0, 2**62), "above the cap"),
+        (b"".join(bytes(p) for p in wire.encode(Message(MessageType.HELLO, {"name": "again"}))), "unexpected HELLO"),
+    ],
+)
+def test_a_joined_worker_that_breaks_the_protocol_is_cut_off_and_its_share_reassigned(
+    make_server, reply: bytes, reason: str
+):
     """Past the handshake the frames are read by the round loop: they get the same checks, and a
     lying length prefix is refused before anything is allocated for it."""
     server = make_server()
-    good, broken = FakeWorker(server.address, answer_with(1.0), name="good"), FakeWorker(server.address, lambda m, f: reply, name="broken")
+    good, broken = (
+        FakeWorker(server.address, answer_with(1.0), name="good"),
+        FakeWorker(server.address, lambda m, f: reply, name="broken"),
+    )
     join(server, good, broken)
     result = server.run_round(0, micro_batches(8), version=0)
     assert result.samples == 64 and result.reassigned_samples == 32
@@ -373,6 +417,7 @@ def test_parameters_travel_to_workers_before_their_assignment(make_server):
 
 # --- admission: bad peers never stop the server -------------------------------------------------------
 
+
 def _raw(server: ParameterServer, payload: bytes, linger: float = 0.0) -> bytes:
     """Send raw bytes, then read what the server answers before it closes the connection."""
     chunks = []
@@ -395,7 +440,9 @@ def test_malformed_oversized_and_wrong_version_frames_are_refused_and_the_server
     server = make_server()
     garbage = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4
     oversized = wire.HEADER.pack(wire.MAGIC, wire.PROTOCOL_VERSION, MessageType.HELLO, 0, 10 * 2**30)
-    wrong_version = wire.HEADER.pack(wire.MAGIC, wire.PROTOCOL_VERSION + 1, MessageType.HELLO, 0, 4) + struct.pack(">I", 0)
+    wrong_version = wire.HEADER.pack(wire.MAGIC, wire.PROTOCOL_VERSION + 1, MessageType.HELLO, 0, 4) + struct.pack(
+        ">I", 0
+    )
     truncated = wire.HEADER.pack(wire.MAGIC, wire.PROTOCOL_VERSION, MessageType.HELLO, 0, 1000) + b"{" * 10
     for payload in (garbage, oversized, wrong_version, truncated, b""):
         _raw(server, payload)

@@ -27,8 +27,15 @@ RUN = [*TINY_SYNTHETIC, "data.batch_size=16", "trainer.enable_progress_bar=false
 
 def _train_py(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def _finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
@@ -59,9 +66,15 @@ def straight_run(tmp_path_factory) -> Path:
 def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, straight_run, signal_name):
     # the signal arrives as batch 9 of epoch 1 starts: training stops after batch 11, where the optimizer
     # steps (accumulation 4), so the checkpoint holds step 6 + 3 = 9 and nothing half-accumulated
-    chaos = ["+callbacks.chaos._target_=tests.helpers.SignalSelfAt", "+callbacks.chaos.epoch=1",
-             "+callbacks.chaos.batch=9", f"+callbacks.chaos.signal={signal_name}"]
-    code, output = _finish(_train_py([*RUN, "trainer.max_epochs=3", *chaos, f"hydra.run.dir={tmp_path / 'first'}"], tmp_path))
+    chaos = [
+        "+callbacks.chaos._target_=tests.helpers.SignalSelfAt",
+        "+callbacks.chaos.epoch=1",
+        "+callbacks.chaos.batch=9",
+        f"+callbacks.chaos.signal={signal_name}",
+    ]
+    code, output = _finish(
+        _train_py([*RUN, "trainer.max_epochs=3", *chaos, f"hydra.run.dir={tmp_path / 'first'}"], tmp_path)
+    )
     assert code != 0, "an interrupted run must not report success"
     assert f"{signal_name}: stopping at the end of this optimizer step" in output
     interrupted = json.loads((tmp_path / "first" / "metrics.json").read_text())
@@ -69,13 +82,25 @@ def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, st
     last = _ckpt(tmp_path / "first" / "checkpoints" / "last.ckpt")
     assert (last["epoch"], last["global_step"]) == (1, 9)
 
-    code, output = _finish(_train_py([*RUN, "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
-                                      f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path))
+    code, output = _finish(
+        _train_py(
+            [
+                *RUN,
+                "trainer.max_epochs=3",
+                f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
+                f"hydra.run.dir={tmp_path / 'resumed'}",
+            ],
+            tmp_path,
+        )
+    )
     assert code == 0, output[-3000:]
     resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert resumed["status"] == "completed" and resumed["global_step"] == 18 and resumed["epochs"] == 3
     # the same epoch, step, learning rate, data order and random state: the same model as the straight run
-    final, straight = _ckpt(tmp_path / "resumed" / "checkpoints" / "last.ckpt"), _ckpt(straight_run / "checkpoints" / "last.ckpt")
+    final, straight = (
+        _ckpt(tmp_path / "resumed" / "checkpoints" / "last.ckpt"),
+        _ckpt(straight_run / "checkpoints" / "last.ckpt"),
+    )
     assert final["lr_schedulers"][0]["_last_lr"] == straight["lr_schedulers"][0]["_last_lr"]
     for key, value in straight["state_dict"].items():
         torch.testing.assert_close(final["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
@@ -83,17 +108,36 @@ def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, st
 
 def test_a_parameter_server_killed_mid_epoch_resumes_and_uses_every_sample_once(tmp_path):
     port = free_port()
-    common = [*RUN, "data.options.train_size=1152", "trainer.max_epochs=3", "strategy=parameter_server",
-              f"strategy.address=127.0.0.1:{port}", "strategy.workers=2"]
+    common = [
+        *RUN,
+        "data.options.train_size=1152",
+        "trainer.max_epochs=3",
+        "strategy=parameter_server",
+        f"strategy.address=127.0.0.1:{port}",
+        "strategy.workers=2",
+    ]
     # 1024 training images / 16 = 64 micro-batches = 8 rounds of 2 workers x 4 per epoch; a recovery
     # checkpoint every 2 rounds; the server SIGKILLs itself as round 5 of epoch 1 starts (after step 12)
-    server_args = [*common, "strategy.role=server", "callbacks.recovery_checkpoint.every_n_train_steps=2",
-                   f"hydra.run.dir={tmp_path / 'run'}"]
-    chaos = ["+callbacks.chaos._target_=tests.helpers.SignalSelfAt", "+callbacks.chaos.epoch=1",
-             "+callbacks.chaos.batch=5", "+callbacks.chaos.signal=SIGKILL"]
+    server_args = [
+        *common,
+        "strategy.role=server",
+        "callbacks.recovery_checkpoint.every_n_train_steps=2",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    chaos = [
+        "+callbacks.chaos._target_=tests.helpers.SignalSelfAt",
+        "+callbacks.chaos.epoch=1",
+        "+callbacks.chaos.batch=5",
+        "+callbacks.chaos.signal=SIGKILL",
+    ]
     server = _train_py([*server_args, *chaos], tmp_path)
-    workers = [_train_py([*common, "strategy.role=worker", "strategy.reconnect_timeout=120", f"hydra.run.dir={tmp_path / f'w{i}'}"], tmp_path)
-               for i in range(2)]
+    workers = [
+        _train_py(
+            [*common, "strategy.role=worker", "strategy.reconnect_timeout=120", f"hydra.run.dir={tmp_path / f'w{i}'}"],
+            tmp_path,
+        )
+        for i in range(2)
+    ]
     try:
         code, output = _finish(server)
         assert code == -signal.SIGKILL, output[-3000:]
@@ -130,8 +174,10 @@ class Fuzzer(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         host, port = trainer.strategy.server.address
-        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from tests.helpers import fire_frames; "
-                f"print(fire_frames({host!r}, {port}, {self.count}, {self.seed}))")
+        code = (
+            f"import sys; sys.path.insert(0, {str(REPO)!r}); from tests.helpers import fire_frames; "
+            f"print(fire_frames({host!r}, {port}, {self.count}, {self.seed}))"
+        )
         self.process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -143,13 +189,24 @@ def test_fuzzing_a_live_server_does_not_disturb_a_training_worker(tmp_path, monk
     fuzzer = Fuzzer(count=3000, seed=7)
     original = training.instantiate_callbacks
     monkeypatch.setattr(training, "instantiate_callbacks", lambda c: original(c) + [fuzzer])
-    cfg = compose_config(tmp_path, [*RUN, "data.options.train_size=2176", "trainer.max_epochs=6", "test_after_fit=false",
-                                    "strategy=parameter_server", "strategy.workers=1"])
+    cfg = compose_config(
+        tmp_path,
+        [
+            *RUN,
+            "data.options.train_size=2176",
+            "trainer.max_epochs=6",
+            "test_after_fit=false",
+            "strategy=parameter_server",
+            "strategy.workers=1",
+        ],
+    )
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     metrics = train(cfg)
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert metrics["status"] == "completed" and metrics["global_step"] == 6 * 32
-    assert fuzzer.output.strip() == "3000" and fuzzer.finished_during_training, "every frame arrived while the worker trained"
+    assert fuzzer.output.strip() == "3000" and fuzzer.finished_during_training, (
+        "every frame arrived while the worker trained"
+    )
     report = json.loads((tmp_path / "run" / "parameter_server" / "report.json").read_text())
     assert report["local_worker_exit_codes"] == {"local-0": 0}
     assert all(epoch["every_sample_exactly_once"] for epoch in report["epochs"])
@@ -164,11 +221,26 @@ def test_ctrl_c_on_a_local_parameter_server_run_stops_it_cleanly(tmp_path):
     """Ctrl-C reaches the whole process group, local workers included: the server finishes its round, saves
     last.ckpt and tells the workers to stop; nothing hangs or is left running."""
     run = tmp_path / "run"
-    chaos = ["+callbacks.chaos._target_=tests.helpers.SignalSelfAt", "+callbacks.chaos.epoch=1",
-             "+callbacks.chaos.batch=1", "+callbacks.chaos.signal=SIGINT", "+callbacks.chaos.group=true"]
+    chaos = [
+        "+callbacks.chaos._target_=tests.helpers.SignalSelfAt",
+        "+callbacks.chaos.epoch=1",
+        "+callbacks.chaos.batch=1",
+        "+callbacks.chaos.signal=SIGINT",
+        "+callbacks.chaos.group=true",
+    ]
     started = time.monotonic()
-    process = _train_py([*RUN, "trainer.max_epochs=3", "strategy=parameter_server", "strategy.workers=2", *chaos,
-                         f"hydra.run.dir={run}"], tmp_path, start_new_session=True)
+    process = _train_py(
+        [
+            *RUN,
+            "trainer.max_epochs=3",
+            "strategy=parameter_server",
+            "strategy.workers=2",
+            *chaos,
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+        start_new_session=True,
+    )
     code, output = _finish(process, timeout=120)
     assert code == 1 and time.monotonic() - started < 90, output[-3000:]
     assert "SIGINT: stopping at the end of this optimizer step" in output
@@ -185,12 +257,27 @@ def test_ctrl_c_on_a_ddp_run_stops_every_rank_at_the_same_step(tmp_path):
     rank 0 saves last.ckpt from the trained model; the main process waits for them instead of saving its
     own (untrained) copy; nothing hangs in an all-reduce or is left running."""
     run = tmp_path / "run"
-    chaos = ["+callbacks.chaos._target_=tests.helpers.SignalSelfAt", "+callbacks.chaos.epoch=1",
-             "+callbacks.chaos.batch=1", "+callbacks.chaos.signal=SIGINT", "+callbacks.chaos.group=true"]
+    chaos = [
+        "+callbacks.chaos._target_=tests.helpers.SignalSelfAt",
+        "+callbacks.chaos.epoch=1",
+        "+callbacks.chaos.batch=1",
+        "+callbacks.chaos.signal=SIGINT",
+        "+callbacks.chaos.group=true",
+    ]
     started = time.monotonic()
-    process = _train_py([*RUN, "trainer.max_epochs=3", "strategy=ddp", "trainer.devices=2",
-                         "callbacks.graceful_interrupt.sync_every_n_steps=1", *chaos, f"hydra.run.dir={run}"],
-                        tmp_path, start_new_session=True)
+    process = _train_py(
+        [
+            *RUN,
+            "trainer.max_epochs=3",
+            "strategy=ddp",
+            "trainer.devices=2",
+            "callbacks.graceful_interrupt.sync_every_n_steps=1",
+            *chaos,
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+        start_new_session=True,
+    )
     code, output = _finish(process, timeout=120)
     assert code == 1 and time.monotonic() - started < 90, output[-3000:]
     assert "SIGINT: stopping at the end of this optimizer step" in output

@@ -31,7 +31,13 @@ def two_job_sweep(tmp_path_factory) -> tuple[Path, str]:
     sweep = cwd / "multirun"
     result = run_script(
         "train.py",
-        ["-m", *TINY_SYNTHETIC, "trainer.max_epochs=1,2", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}"],
+        [
+            "-m",
+            *TINY_SYNTHETIC,
+            "trainer.max_epochs=1,2",
+            "trainer.enable_progress_bar=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
         cwd=cwd,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -80,8 +86,14 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "multirun"
     result = run_script(
         "train.py",
-        ["-m", *TINY_SYNTHETIC, "data.val_size=128,100000", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-         f"hydra.sweep.dir={sweep}"],
+        [
+            "-m",
+            *TINY_SYNTHETIC,
+            "data.val_size=128,100000",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
         cwd=tmp_path,
     )
     assert result.returncode == 1, "a sweep with a failed job must not report success"
@@ -103,17 +115,41 @@ def _fixture_job(sweep: Path, name: str, overrides: list[str], metrics: dict | N
 
 def test_summary_of_a_sweep_with_failed_jobs(tmp_path):
     sweep = tmp_path / "sweep"
-    ok = {"status": "completed", "epochs": 1, "train_seconds": 30.0, "seconds_per_epoch": 28.0, "test/acc": 0.5,
-          "best_val/acc": 0.52, "params": 104362}
+    ok = {
+        "status": "completed",
+        "epochs": 1,
+        "train_seconds": 30.0,
+        "seconds_per_epoch": 28.0,
+        "test/acc": 0.5,
+        "best_val/acc": 0.52,
+        "params": 104362,
+    }
     _fixture_job(sweep, "0_model=cnn,trainer.max_epochs=1", ["model=cnn", "trainer.max_epochs=1"], ok)
-    _fixture_job(sweep, "1_model=cnn,trainer.max_epochs=2", ["model=cnn", "trainer.max_epochs=2"],
-                 {**ok, "epochs": 2, "train_seconds": 58.0, "test/acc": 0.6})
-    _fixture_job(sweep, "2_model=legacy,trainer.max_epochs=1", ["model=legacy", "trainer.max_epochs=1"],
-                 {"status": "failed", "epochs": 0, "error": "DatasetError: CIFAR-10 is not available"})
-    _fixture_job(sweep, "3_model=legacy,trainer.max_epochs=2", ["model=legacy", "trainer.max_epochs=2"], None,
-                 log="[2026-11-21][cifar_pl.cli][ERROR] - job failed: RuntimeError: out of memory\n")
-    _fixture_job(sweep, "10_model=cnn,trainer.max_epochs=3", ["model=cnn", "trainer.max_epochs=3"],
-                 {**ok, "epochs": 3, "train_seconds": 86.0, "test/acc": 0.65})
+    _fixture_job(
+        sweep,
+        "1_model=cnn,trainer.max_epochs=2",
+        ["model=cnn", "trainer.max_epochs=2"],
+        {**ok, "epochs": 2, "train_seconds": 58.0, "test/acc": 0.6},
+    )
+    _fixture_job(
+        sweep,
+        "2_model=legacy,trainer.max_epochs=1",
+        ["model=legacy", "trainer.max_epochs=1"],
+        {"status": "failed", "epochs": 0, "error": "DatasetError: CIFAR-10 is not available"},
+    )
+    _fixture_job(
+        sweep,
+        "3_model=legacy,trainer.max_epochs=2",
+        ["model=legacy", "trainer.max_epochs=2"],
+        None,
+        log="[2026-11-21][cifar_pl.cli][ERROR] - job failed: RuntimeError: out of memory\n",
+    )
+    _fixture_job(
+        sweep,
+        "10_model=cnn,trainer.max_epochs=3",
+        ["model=cnn", "trainer.max_epochs=3"],
+        {**ok, "epochs": 3, "train_seconds": 86.0, "test/acc": 0.65},
+    )
     summary = summarize_sweep(sweep)
     assert summary.swept == ["model", "trainer.max_epochs"]
     assert [job.number for job in summary.failed] == ["2", "3"]
@@ -131,16 +167,23 @@ def test_summarize_script_exit_codes(tmp_path):
     result = run_script("experiments/summarize.py", [str(tmp_path / "nowhere")], cwd=tmp_path)
     assert result.returncode == 2 and "nowhere" in result.stderr and "Traceback" not in result.stderr
     sweep = tmp_path / "sweep"
-    _fixture_job(sweep, "0_trainer.max_epochs=1", ["trainer.max_epochs=1"], {"status": "completed", "epochs": 1,
-                 "train_seconds": 1.0, "test/acc": 0.3})
+    _fixture_job(
+        sweep,
+        "0_trainer.max_epochs=1",
+        ["trainer.max_epochs=1"],
+        {"status": "completed", "epochs": 1, "train_seconds": 1.0, "test/acc": 0.3},
+    )
     result = run_script("experiments/summarize.py", [str(sweep)], cwd=tmp_path)
     assert result.returncode == 0 and "1 of 1 jobs completed" in result.stdout
 
 
-@pytest.mark.parametrize("experiment, swept", [
-    ("epoch_sweep", {"trainer.max_epochs": "range(1,6)"}),
-    ("compare_networks", {"model": "cnn,legacy", "trainer.max_epochs": "1,2,3"}),
-])
+@pytest.mark.parametrize(
+    "experiment, swept",
+    [
+        ("epoch_sweep", {"trainer.max_epochs": "range(1,6)"}),
+        ("compare_networks", {"model": "cnn,legacy", "trainer.max_epochs": "1,2,3"}),
+    ],
+)
 def test_named_experiments_set_their_sweep(tmp_path, experiment, swept):
     from hydra import compose, initialize_config_dir
 

@@ -17,8 +17,13 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path, str]:
     run_dir = cwd / "run"
     result = run_script(
         "train.py",
-        [*TINY_SYNTHETIC, "data.batch_size=8", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
-         f"hydra.run.dir={run_dir}"],
+        [
+            *TINY_SYNTHETIC,
+            "data.batch_size=8",
+            "trainer.max_epochs=1",
+            "trainer.log_every_n_steps=1",
+            f"hydra.run.dir={run_dir}",
+        ],
         cwd=cwd,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -41,8 +46,17 @@ def test_train_writes_metrics_json(trained_run):
 def test_train_logs_scalars_to_tensorboard(trained_run):
     _, run_dir, _ = trained_run
     scalars = tensorboard_scalars(run_dir / "tensorboard")
-    for tag in ("train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "test/acc",
-                "test/loss", "train/lr", "time/epoch_seconds"):
+    for tag in (
+        "train/loss_step",
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "test/acc",
+        "test/loss",
+        "train/lr",
+        "time/epoch_seconds",
+    ):
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
     lr_by_step = dict(scalars["train/lr"])  # logged every batch, but it changes once per optimizer step
     assert sorted(lr_by_step) == list(range(12))
@@ -78,7 +92,9 @@ def test_evaluate_the_checkpoint_train_wrote(trained_run):
 
 
 def test_evaluate_with_a_missing_checkpoint_is_a_clear_error(tmp_path):
-    result = run_script("evaluate.py", [f"ckpt_path={tmp_path}/nope.ckpt", f"hydra.run.dir={tmp_path}/eval"], cwd=tmp_path)
+    result = run_script(
+        "evaluate.py", [f"ckpt_path={tmp_path}/nope.ckpt", f"hydra.run.dir={tmp_path}/eval"], cwd=tmp_path
+    )
     assert result.returncode == 2
     assert "nope.ckpt" in result.stderr and "Traceback" not in result.stderr + result.stdout
 

@@ -19,8 +19,16 @@ def test_a_few_epochs_on_synthetic_data_learn_well_above_chance(tmp_path):
     cfg = compose_config(
         tmp_path,
         # noise 0.5: every seed tried (0-3) reaches 0.67-0.83 test accuracy here, so the margin is not luck
-        ["data=synthetic", "data.options.train_size=4000", "data.options.test_size=500", "data.val_size=500",
-         "data.options.noise=0.5", "trainer.max_epochs=3", "trainer.accumulate_grad_batches=1", *QUIET],
+        [
+            "data=synthetic",
+            "data.options.train_size=4000",
+            "data.options.test_size=500",
+            "data.val_size=500",
+            "data.options.noise=0.5",
+            "trainer.max_epochs=3",
+            "trainer.accumulate_grad_batches=1",
+            *QUIET,
+        ],
     )
     metrics = train(cfg)
     assert metrics["status"] == "completed"
@@ -42,7 +50,9 @@ def test_resume_from_last_ckpt_continues_at_the_right_epoch(tmp_path):
     steps_per_epoch = 384 // 16 // 4  # 384 training images, batch 16, accumulation 4
 
     interrupted = _resume_config(
-        tmp_path, "first", ["+callbacks.interrupt._target_=tests.helpers.InterruptAtEpoch", "+callbacks.interrupt.epoch=2"]
+        tmp_path,
+        "first",
+        ["+callbacks.interrupt._target_=tests.helpers.InterruptAtEpoch", "+callbacks.interrupt.epoch=2"],
     )
     with pytest.raises(SystemExit):  # Lightning's graceful Ctrl-C handling exits
         train(interrupted)
@@ -68,7 +78,9 @@ def test_resume_from_last_ckpt_continues_at_the_right_epoch(tmp_path):
     assert sched_resumed["_last_lr"] == pytest.approx(sched_straight["_last_lr"])
 
     # the step loss is written every 2nd optimizer step (0-based steps 1, 3, 5, ...), before and after resuming
-    loss_steps = lambda d: sorted(step for step, _ in tensorboard_scalars(tmp_path / d / "tensorboard")["train/loss_step"])  # noqa: E731
+    loss_steps = lambda d: sorted(
+        step for step, _ in tensorboard_scalars(tmp_path / d / "tensorboard")["train/loss_step"]
+    )  # noqa: E731
     assert loss_steps("straight") == list(range(1, 18, 2))
     assert loss_steps("first") == list(range(1, 12, 2))
     assert loss_steps("resumed") == list(range(13, 18, 2))

@@ -57,9 +57,15 @@ class SampleAccounting:
     def state_dict(self) -> dict[str, Any]:
         return {
             "num_samples": self.num_samples,
-            "epochs": {e: {"counts": u.counts.clone(), "reassigned": u.reassigned, "rounds": u.rounds} for e, u in self.epochs.items()},
+            "epochs": {
+                e: {"counts": u.counts.clone(), "reassigned": u.reassigned, "rounds": u.rounds}
+                for e, u in self.epochs.items()
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_samples = int(state["num_samples"])
-        self.epochs = {int(e): EpochUsage(u["counts"].clone(), int(u["reassigned"]), int(u["rounds"])) for e, u in state["epochs"].items()}
+        self.epochs = {
+            int(e): EpochUsage(u["counts"].clone(), int(u["reassigned"]), int(u["rounds"]))
+            for e, u in state["epochs"].items()
+        }

@@ -30,9 +30,23 @@ class LocalWorkers:
             name = f"local-{i}"
             with open(self.log_dir / f"{name}.log", "ab") as output:
                 self.processes[name] = subprocess.Popen(
-                    [sys.executable, "-m", "cifar_pl.parameter_server.worker", "--spec", str(self.spec),
-                     "--address", self.address, "--name", name, "--parent-pid", str(os.getpid())],
-                    stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env,
+                    [
+                        sys.executable,
+                        "-m",
+                        "cifar_pl.parameter_server.worker",
+                        "--spec",
+                        str(self.spec),
+                        "--address",
+                        self.address,
+                        "--name",
+                        name,
+                        "--parent-pid",
+                        str(os.getpid()),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    env=env,
                 )
         log.info("started %d local workers (logs in %s)", self.count, self.log_dir)
 

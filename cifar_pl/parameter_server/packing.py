@@ -49,7 +49,9 @@ class FlatState:
 
     def grads_flat(self) -> Tensor:
         """Gradients, zeros where a parameter got none."""
-        return self._flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params], torch.float32)
+        return self._flatten(
+            [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params], torch.float32
+        )
 
     def buffers_flat(self) -> tuple[Tensor, Tensor]:
         return self._flatten(self.float_buffers, torch.float32), self._flatten(self.int_buffers, torch.int64)
@@ -76,7 +78,10 @@ class FlatState:
     def shapes_match(self, grads: Tensor, floats: Tensor, ints: Tensor) -> bool:
         """Whether a worker's flat tensors have this model's sizes and dtypes."""
         return (
-            grads.dtype == torch.float32 and grads.shape == (self.num_params,)
-            and floats.dtype == torch.float32 and floats.shape == (self.num_float_buffers,)
-            and ints.dtype == torch.int64 and ints.shape == (self.num_int_buffers,)
+            grads.dtype == torch.float32
+            and grads.shape == (self.num_params,)
+            and floats.dtype == torch.float32
+            and floats.shape == (self.num_float_buffers,)
+            and ints.dtype == torch.int64
+            and ints.shape == (self.num_int_buffers,)
         )

@@ -281,8 +281,9 @@ def send_parts(sock: socket.socket, parts: list[bytes | memoryview], timeout: fl
             except TimeoutError:
                 raise WriteTimeout(what) from None
             except ConnectionError as error:
-                raise PeerClosed(f"the peer closed the connection while {kind} was sent "
-                                 f"({total} bytes): {error}") from None
+                raise PeerClosed(
+                    f"the peer closed the connection while {kind} was sent ({total} bytes): {error}"
+                ) from None
             _consume(views, sent)
     finally:
         sock.settimeout(previous)
@@ -365,7 +366,9 @@ class FrameReader:
                 return None
             _, length = _parse_header(self._view[self._start : self._start + HEADER.size])
             if length > self.max_frame:
-                raise FrameTooLarge(f"the peer announced a {length}-byte payload, above the cap of {self.max_frame} bytes")
+                raise FrameTooLarge(
+                    f"the peer announced a {length}-byte payload, above the cap of {self.max_frame} bytes"
+                )
             self._length = length
         size = HEADER.size + self._length
         if size > len(self._buffer) - self._start:
@@ -475,8 +478,9 @@ def load_secret(secret_file: str | None = None, env: Mapping[str, str] = os.envi
             with open(secret_file, "rb") as handle:
                 secret = handle.read().strip()
         except OSError as error:
-            raise type(error)(error.errno, f"cannot read the shared-secret file ({error.strerror})",
-                              secret_file) from error
+            raise type(error)(
+                error.errno, f"cannot read the shared-secret file ({error.strerror})", secret_file
+            ) from error
         where = f"file {secret_file}"
     elif SECRET_ENV in env:
         secret, where = env[SECRET_ENV].strip().encode("utf-8"), f"${SECRET_ENV}"
@@ -531,14 +535,14 @@ def client_handshake(sock: socket.socket, hello: dict, secret: bytes | None, tim
     """The worker's side: HELLO, answer a CHALLENGE, then check that WELCOME proves the server knows the
     secret too. A worker with a secret refuses a server without one. Returns WELCOME's meta."""
     client_nonce = new_nonce()
-    send_message(sock, Message(MessageType.HELLO, {**hello, "protocol": PROTOCOL_VERSION,
-                                                   "nonce": client_nonce.hex()}), timeout)
+    send_message(
+        sock, Message(MessageType.HELLO, {**hello, "protocol": PROTOCOL_VERSION, "nonce": client_nonce.hex()}), timeout
+    )
     reply = recv_message(sock, max_frame, timeout)
     server_nonce = None
     if reply.type is MessageType.CHALLENGE:
         if secret is None:
-            raise AuthenticationError(
-                f"the server requires a shared secret; set {SECRET_ENV} or strategy.secret_file")
+            raise AuthenticationError(f"the server requires a shared secret; set {SECRET_ENV} or strategy.secret_file")
         server_nonce = _hex_field(reply.meta, "nonce", NONCE_BYTES, BadFrame)
         mac = auth_tag(secret, "worker", server_nonce, client_nonce)
         send_message(sock, Message(MessageType.AUTH, {"mac": mac.hex()}), timeout)
@@ -549,8 +553,9 @@ def client_handshake(sock: socket.socket, hello: dict, secret: bytes | None, tim
         raise BadFrame(f"expected WELCOME from the server, got {reply.type.name}")
     if secret is not None:
         if server_nonce is None:
-            raise AuthenticationError("this worker has a shared secret but the server did not ask for it: "
-                                      "refusing an unauthenticated server")
+            raise AuthenticationError(
+                "this worker has a shared secret but the server did not ask for it: refusing an unauthenticated server"
+            )
         mac = _hex_field(reply.meta, "mac", hashlib.sha256().digest_size, AuthenticationError)
         if not check_tag(auth_tag(secret, "server", client_nonce, server_nonce), mac):
             raise AuthenticationError("the server could not prove it knows the shared secret")
@@ -575,8 +580,14 @@ def _authenticate(sock: socket.socket, secret: bytes, client_nonce: bytes, timeo
     return server_nonce
 
 
-def server_handshake(sock: socket.socket, secret: bytes | None, timeout: float, max_frame: int,
-                     check_hello: Callable[[dict], str | None], welcome: dict) -> dict:
+def server_handshake(
+    sock: socket.socket,
+    secret: bytes | None,
+    timeout: float,
+    max_frame: int,
+    check_hello: Callable[[dict], str | None],
+    welcome: dict,
+) -> dict:
     """The server's side: read HELLO, authenticate the worker when there is a secret, let
     ``check_hello`` veto it, then WELCOME it (with the server's own tag). Returns HELLO's meta."""
     try:
@@ -614,9 +625,14 @@ def model_signature(module: torch.nn.Module) -> list[list]:
 
 def _valid_signature(value: Any) -> bool:
     return isinstance(value, list) and all(
-        isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[2], str)
-        and isinstance(entry[1], list) and all(_is_dim(d) for d in entry[1])
-        for entry in value)
+        isinstance(entry, list)
+        and len(entry) == 3
+        and isinstance(entry[0], str)
+        and isinstance(entry[2], str)
+        and isinstance(entry[1], list)
+        and all(_is_dim(d) for d in entry[1])
+        for entry in value
+    )
 
 
 def signature_mismatch(ours: list, theirs: Any) -> str | None:

@@ -159,7 +159,9 @@ class ParameterServer:
         host, port = parse_address(self.settings.address)
         # a deep accept queue: a burst of connections (a flood, or many workers at once) must not overflow it,
         # or the kernel drops SYNs and every dropped peer, real workers too, waits a 1 s retransmission
-        listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=1024)
+        listener = socket.create_server(
+            (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=1024
+        )
         listener.settimeout(0.2)
         self._listener = listener
         thread = threading.Thread(target=self._accept_loop, name="ps-accept", daemon=True)
@@ -223,7 +225,9 @@ class ParameterServer:
             except OSError:
                 return  # listener closed
             if not self._pending.acquire(blocking=False):
-                self._event("refused", peer=f"{peer[0]}:{peer[1]}", detail="too many connections still in their handshake")
+                self._event(
+                    "refused", peer=f"{peer[0]}:{peer[1]}", detail="too many connections still in their handshake"
+                )
                 sock.close()
                 continue
             thread = threading.Thread(target=self._admit, args=(sock, peer), name="ps-handshake", daemon=True)
@@ -235,8 +239,12 @@ class ParameterServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             worker_id = next(self._ids)
             hello = wire.server_handshake(
-                sock, self.settings.secret, self.settings.handshake_timeout, self.settings.max_frame,
-                self.check_hello, {"worker_id": worker_id},
+                sock,
+                self.settings.secret,
+                self.settings.handshake_timeout,
+                self.settings.max_frame,
+                self.check_hello,
+                {"worker_id": worker_id},
             )
         except (wire.ProtocolError, OSError) as error:
             self._event("rejected", peer=peer_name, detail=str(error))
@@ -284,8 +292,7 @@ class ParameterServer:
 
     def _io_deadline(self) -> float:
         """When the next watched worker will have stalled a frame (either way) for ``frame_timeout``."""
-        times = [t for conn in self._watched()
-                 for t in (conn.writer.started, conn.reader.started) if t is not None]
+        times = [t for conn in self._watched() for t in (conn.writer.started, conn.reader.started) if t is not None]
         return min(times) + self.settings.frame_timeout if times else math.inf
 
     def _poll(self, timeout: float) -> list[tuple[Connection, Message | Exception]]:
@@ -307,9 +314,23 @@ class ParameterServer:
         now, limit = time.monotonic(), self.settings.frame_timeout
         for conn in self._watched():
             if conn.writer.started is not None and now - conn.writer.started > limit:
-                results.append((conn, wire.WriteTimeout(f"it took nothing of the frames sent to it for {limit:g} s: it stopped reading")))
+                results.append(
+                    (
+                        conn,
+                        wire.WriteTimeout(
+                            f"it took nothing of the frames sent to it for {limit:g} s: it stopped reading"
+                        ),
+                    )
+                )
             elif conn.reader.started is not None and now - conn.reader.started > limit:
-                results.append((conn, wire.ReadTimeout(f"it sent part of a message, then nothing for {limit:g} s ({conn.reader.missing()})")))
+                results.append(
+                    (
+                        conn,
+                        wire.ReadTimeout(
+                            f"it sent part of a message, then nothing for {limit:g} s ({conn.reader.missing()})"
+                        ),
+                    )
+                )
         return results
 
     @property
@@ -376,7 +397,9 @@ class ParameterServer:
             now = time.monotonic()
             indices = all_indices[starts[positions.start] : starts[positions.stop]]
             lengths = all_sizes[positions.start : positions.stop]
-            assignment = Assignment(next(self._assignment_ids), conn, positions, indices, len(indices), now, now + patience, final)
+            assignment = Assignment(
+                next(self._assignment_ids), conn, positions, indices, len(indices), now, now + patience, final
+            )
             meta = {"round": self.round, "assignment": assignment.id, "epoch": epoch}
             parts = wire.encode(Message(MessageType.ASSIGN, meta, [indices, lengths]))
             if conn.version != version:
@@ -434,7 +457,9 @@ class ParameterServer:
                 conn.strikes += 1
                 self._event("rejected contribution", conn, reason=problem, strikes=conn.strikes)
                 try:
-                    self._send(conn, wire.encode(Message(MessageType.ERROR, {"reason": f"contribution rejected: {problem}"})))
+                    self._send(
+                        conn, wire.encode(Message(MessageType.ERROR, {"reason": f"contribution rejected: {problem}"}))
+                    )
                 except (wire.ProtocolError, OSError):
                     pass
                 if conn.strikes >= self.settings.max_strikes:
@@ -486,7 +511,11 @@ class ParameterServer:
                     self._drop(conn, f"late past the round timeout {conn.late} rounds in a row")
                     self._orphan_assignments_of(conn, inflight, reassign)
                 else:
-                    self._event("straggler", conn, detail=f"no answer within the round timeout ({self.settings.round_timeout:g} s); dropped for this round")
+                    self._event(
+                        "straggler",
+                        conn,
+                        detail=f"no answer within the round timeout ({self.settings.round_timeout:g} s); dropped for this round",
+                    )
                 reassign(assignment, "round timeout")
             if not inflight:
                 break

@@ -135,8 +135,13 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self.secret_file, self.worker_threads = secret_file, worker_threads
         self.join_timeout, self.resume, self.reconnect_timeout = join_timeout, resume, reconnect_timeout
         self.settings = ServerSettings(
-            address=self.address, round_timeout=round_timeout, straggler=straggler, worker_timeout=worker_timeout,
-            worker_wait=worker_wait, max_frame=max_frame_mb * 1024 * 1024, max_pending=max_pending_handshakes,
+            address=self.address,
+            round_timeout=round_timeout,
+            straggler=straggler,
+            worker_timeout=worker_timeout,
+            worker_wait=worker_wait,
+            max_frame=max_frame_mb * 1024 * 1024,
+            max_pending=max_pending_handshakes,
         )
         self.micro_batches_per_worker = 1
         self.server: ParameterServer | None = None
@@ -214,13 +219,20 @@ class ParameterServerStrategy(SingleDeviceStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """Checkpoints also carry the sample accounting, so a resumed server proves the same epochs."""
         if self.server is not None:
-            checkpoint["parameter_server"] = {"accounting": self.server.accounting.state_dict(), "round": self.server.round}
+            checkpoint["parameter_server"] = {
+                "accounting": self.server.accounting.state_dict(),
+                "round": self.server.round,
+            }
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
         if "parameter_server" in checkpoint:
-            self._restored = {**checkpoint["parameter_server"], "step": checkpoint.get("global_step"), "path": str(checkpoint_path)}
+            self._restored = {
+                **checkpoint["parameter_server"],
+                "step": checkpoint.get("global_step"),
+                "path": str(checkpoint_path),
+            }
         return checkpoint
 
     def on_train_end(self) -> None:
@@ -241,7 +253,9 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
             bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
             self.precision_plugin = MixedPrecision("bf16-mixed", plugin.device) if bf16 else Precision()
-            log.info("parameter server: evaluates in %s; workers train in 16-mixed", "bf16-mixed" if bf16 else "32-true")
+            log.info(
+                "parameter server: evaluates in %s; workers train in 16-mixed", "bf16-mixed" if bf16 else "32-true"
+            )
 
     def _start(self, trainer: L.Trainer) -> None:
         datamodule = trainer.datamodule
@@ -273,7 +287,9 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             run_dir = Path(trainer.default_root_dir)
             threads = self.worker_threads or max(1, available_cores() // self.workers)
             spec = self._write_worker_spec(trainer, threads, run_dir / "parameter_server" / "worker_spec.json")
-            self.local_workers = LocalWorkers(self.workers, spec, f"{host}:{port}", run_dir / "parameter_server", threads)
+            self.local_workers = LocalWorkers(
+                self.workers, spec, f"{host}:{port}", run_dir / "parameter_server", threads
+            )
             self.local_workers.start()
 
     def _write_worker_spec(self, trainer: L.Trainer, threads: int, path: Path) -> Path:
@@ -283,10 +299,19 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             "precision": str(trainer.precision),
             "threads": threads,
             "secret_file": self.secret_file,
-            "module": {"target": f"{type(module).__module__}.{type(module).__qualname__}", "hparams": dict(module.hparams)},
-            "datamodule": {"target": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}", "hparams": dict(datamodule.hparams)},
-            "timeouts": {"frame_timeout": self.settings.frame_timeout, "max_frame": self.settings.max_frame,
-                         "reconnect_timeout": self.reconnect_timeout},
+            "module": {
+                "target": f"{type(module).__module__}.{type(module).__qualname__}",
+                "hparams": dict(module.hparams),
+            },
+            "datamodule": {
+                "target": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+                "hparams": dict(datamodule.hparams),
+            },
+            "timeouts": {
+                "frame_timeout": self.settings.frame_timeout,
+                "max_frame": self.settings.max_frame,
+                "reconnect_timeout": self.reconnect_timeout,
+            },
         }
         write_json(path, spec)
         return path

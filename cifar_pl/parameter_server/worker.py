@@ -121,13 +121,20 @@ class Worker:
         while True:
             sock = self.connect(patience)
             try:
-                welcome = wire.client_handshake(sock, self.hello(), self.settings.secret, self.settings.handshake_timeout, self.settings.max_frame)
+                welcome = wire.client_handshake(
+                    sock, self.hello(), self.settings.secret, self.settings.handshake_timeout, self.settings.max_frame
+                )
                 log.info("worker %s joined as worker-%s", self.settings.name, welcome.get("worker_id"))
                 return self.serve(sock)
             except (wire.PeerClosed, wire.ReadTimeout, wire.WriteTimeout, ConnectionError) as error:
                 if self.settings.reconnect_timeout <= 0:
                     raise
-                log.warning("worker %s lost the server (%s); looking for it for %g s", self.settings.name, error, self.settings.reconnect_timeout)
+                log.warning(
+                    "worker %s lost the server (%s); looking for it for %g s",
+                    self.settings.name,
+                    error,
+                    self.settings.reconnect_timeout,
+                )
                 patience = self.settings.reconnect_timeout
             finally:
                 sock.close()
@@ -186,8 +193,13 @@ class Worker:
                 break
         grads = self.flat.grads_flat()
         floats, ints = self.flat.buffers_flat()
-        meta = {"round": message.meta["round"], "assignment": message.meta["assignment"], "samples": samples,
-                "loss_sum": loss_sum, "correct": correct}
+        meta = {
+            "round": message.meta["round"],
+            "assignment": message.meta["assignment"],
+            "samples": samples,
+            "loss_sum": loss_sum,
+            "correct": correct,
+        }
         return Message(MessageType.GRADS, meta, [grads, floats, ints])
 
     def _unscale(self) -> bool:
