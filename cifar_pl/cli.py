@@ -7,7 +7,8 @@ import functools
 import logging
 import sys
 import textwrap
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode

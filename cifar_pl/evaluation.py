@@ -11,20 +11,20 @@ import lightning as L
 import matplotlib
 
 matplotlib.use("Agg")  # files only: evaluation runs on headless machines
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from lightning.pytorch.callbacks import RichProgressBar  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
 
-from cifar_pl.classifier import ImageClassifier  # noqa: E402
-from cifar_pl.data import ImageDataModule  # noqa: E402
-from cifar_pl.errors import ConfigurationError  # noqa: E402
-from cifar_pl.runtime import configure_threads, quiet_third_party_noise, resolve_precision  # noqa: E402
-from cifar_pl.files import write_json  # noqa: E402
+from cifar_pl.classifier import ImageClassifier
+from cifar_pl.data import ImageDataModule
+from cifar_pl.errors import ConfigurationError
+from cifar_pl.files import write_json
+from cifar_pl.runtime import configure_threads, quiet_third_party_noise, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,13 @@ def load_checkpoint(given: str) -> tuple[Path, dict[str, Any]]:
     path = Path(given).expanduser()
     if not given or not path.is_file():
         raise ConfigurationError(
-            f"ckpt_path={given!r} is not a checkpoint file. Give the path of a checkpoint written by train.py, for example "
+            f"ckpt_path={given!r} is not a checkpoint file. Give the path of a checkpoint written by train.py, "
+            f"for example "
             f"outputs/<date>/<time>/checkpoints/last.ckpt (train.py prints the folder when it starts)."
         )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any failure here means "not a usable checkpoint"
+    except Exception as error:
         raise ConfigurationError(
             f"{path} cannot be read as a checkpoint ({type(error).__name__}: {error}). "
             f"Pass a .ckpt file written by train.py."
@@ -143,7 +144,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     counts = confusion.sum(1)
     per_class = {name: float(confusion[i, i] / max(int(counts[i]), 1)) for i, name in enumerate(classes)}
     overall = float(results["test/acc"])
-    print_accuracy_table(per_class, {n: int(c) for n, c in zip(classes, counts)}, overall)
+    print_accuracy_table(per_class, {n: int(c) for n, c in zip(classes, counts, strict=True)}, overall)
 
     dataset = datamodule.hparams.dataset
     figure = plot_confusion(confusion, classes, f"{dataset}: test accuracy {overall:.4f}")

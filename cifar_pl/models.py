@@ -6,6 +6,8 @@ hyperparameters (primitives only) are enough to rebuild the model without this p
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -22,7 +24,7 @@ class ImprovedCNN(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         channels = [in_channels, 32, 64, 128]
-        for c_in, c_out in zip(channels[:-1], channels[1:]):
+        for c_in, c_out in itertools.pairwise(channels):
             layers += [
                 nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
                 nn.BatchNorm2d(c_out),

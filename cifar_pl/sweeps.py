@@ -18,12 +18,12 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import yaml  # noqa: E402
-from hydra.experimental.callback import Callback  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import yaml
+from hydra.experimental.callback import Callback
+from matplotlib.ticker import MaxNLocator
+from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 

@@ -45,8 +45,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
-from cifar_pl.data import ImageDataModule  # noqa: E402
 from cifar_pl.callbacks import Throughput  # noqa: E402
+from cifar_pl.data import ImageDataModule  # noqa: E402
 from cifar_pl.models import build_network  # noqa: E402
 from cifar_pl.runtime import configure_threads, quiet_third_party_noise, resolve_precision  # noqa: E402
 from cifar_pl.training import build_trainer, instantiate_callbacks  # noqa: E402
@@ -126,7 +126,7 @@ def pipeline(args: argparse.Namespace) -> dict[str, Any]:
     threads = configure_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        cfg = default_config(workdir, CIFAR_SIZED + ["trainer.accelerator=cpu"])
+        cfg = default_config(workdir, [*CIFAR_SIZED, "trainer.accelerator=cpu"])
         datamodule: ImageDataModule = instantiate(cfg.data, _convert_="all")
         datamodule.setup()
         batches = args.batches or math.ceil(len(datamodule.train_set) / cfg.data.batch_size)
@@ -151,7 +151,7 @@ def pipeline(args: argparse.Namespace) -> dict[str, Any]:
     scale = math.ceil(len(datamodule.train_set) / cfg.data.batch_size) / batches
     project_s, baseline_s = statistics.median(project) * scale, statistics.median(baseline) * scale
     # each project run against the baseline run beside it: cancels the machine's drift between repeats
-    ratio = statistics.median(p / b for p, b in zip(project, baseline))
+    ratio = statistics.median(p / b for p, b in zip(project, baseline, strict=True))
     result = {
         "pipeline_ratio": round(ratio, 4),
         "project_s_per_epoch": round(project_s, 3),
@@ -170,7 +170,7 @@ def pipeline(args: argparse.Namespace) -> dict[str, Any]:
 def time_strategy(workdir: Path, name: str, overrides: list[str], steps: int, threads: int) -> dict[str, Any]:
     """Train ``steps`` optimizer steps with one strategy through the project's own Trainer set-up and
     return its steady-state throughput (and, for the parameter server, the server's per-round times)."""
-    cfg = default_config(workdir, STRATEGY_DATA + [f"num_threads={threads}", *overrides])
+    cfg = default_config(workdir, [*STRATEGY_DATA, f"num_threads={threads}", *overrides])
     with open_dict(cfg):
         cfg.trainer.max_steps = steps + WARMUP_STEPS
         cfg.trainer.limit_val_batches = 0
@@ -459,7 +459,8 @@ def server_load(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"{args.workers} simulated workers, {sizes[0]:,} parameters: {result['rounds_per_s']} rounds/s, "
         f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, peak {result['peak_mib']} MiB, server CPU "
-        f"{result['server_cpu_ms_per_round']} ms per round (simulated workers: {result['workers_cpu_ms_per_round']} ms); "
+        f"{result['server_cpu_ms_per_round']} ms per round "
+        f"(simulated workers: {result['workers_cpu_ms_per_round']} ms); "
         f"copying {result['mb_per_round']} MB once per round would allow {bound:.0f} rounds/s; a naive sequential "
         f"server moving the same bytes over raw sockets does {naive:.0f} rounds/s"
     )

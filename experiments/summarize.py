@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cifar_pl.sweeps import report, summarize_sweep  # noqa: E402
+from cifar_pl.sweeps import report, summarize_sweep
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,8 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import numpy as np
@@ -114,6 +114,7 @@ def run_script(script: str, args: Sequence[str], cwd: Path, timeout: float = 240
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,  # callers assert on the status and show the output
     )
 
 

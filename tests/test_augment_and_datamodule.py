@@ -156,7 +156,7 @@ def test_declared_classes_must_match_the_files():
     from cifar_pl.errors import ConfigurationError
 
     dm = _datamodule(num_classes=100)
-    with pytest.raises(ConfigurationError, match="num_classes=100.*10 classes"):
+    with pytest.raises(ConfigurationError, match=r"num_classes=100.*10 classes"):
         dm.setup()
 
 

@@ -21,7 +21,6 @@ from cifar_pl.data.fashion_mnist import FashionMNISTSource, read_idx
 from cifar_pl.errors import DatasetError
 from tests.helpers import cifar_records, idx_bytes, write_cifar10, write_fashion_mnist
 
-
 # --- CIFAR ----------------------------------------------------------------------------------------
 
 
@@ -68,7 +67,7 @@ def test_truncated_cifar_file_is_a_clear_error(tmp_path):
 def test_cifar_label_out_of_range_is_a_clear_error(tmp_path):
     path = tmp_path / "bad.bin"
     path.write_bytes(bytes([42]) + bytes(3072))
-    with pytest.raises(DatasetError, match="label 42.*only 10 classes"):
+    with pytest.raises(DatasetError, match=r"label 42.*only 10 classes"):
         parse_cifar_binary(path, CIFAR10)
 
 

@@ -50,9 +50,9 @@ def test_legacy_net_has_the_original_layers():
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
     assert [(c.out_channels, c.kernel_size) for c in convs] == [(6, (5, 5)), (16, (5, 5))]
-    assert [(l.in_features, l.out_features) for l in linears] == [(400, 120), (120, 84), (84, 10)]
+    assert [(layer.in_features, layer.out_features) for layer in linears] == [(400, 120), (120, 84), (84, 10)]
 
 
 def test_unknown_network_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="cnn.*legacy"):
+    with pytest.raises(ValueError, match=r"cnn.*legacy"):
         build_network("resnet", 3, 10)

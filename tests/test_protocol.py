@@ -23,14 +23,14 @@ from cifar_pl.parameter_server.protocol import (
     ALLOWED_DTYPES,
     DEFAULT_MAX_FRAME,
     HEADER,
-    FrameReader,
-    FrameWriter,
     MAGIC,
     MAX_META,
     PROTOCOL_VERSION,
     AuthenticationError,
     BadFrame,
+    FrameReader,
     FrameTooLarge,
+    FrameWriter,
     Message,
     MessageType,
     PeerClosed,
@@ -91,7 +91,7 @@ def sample_tensors() -> list[torch.Tensor]:
 
 def assert_same_tensors(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
     assert len(got) == len(expected)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b.detach())
 
@@ -321,7 +321,7 @@ def test_a_peer_going_silent_mid_frame_is_cut_off_after_the_timeout(pair) -> Non
 def test_idle_timeout_bounds_the_wait_for_the_first_byte(pair) -> None:
     _, b = pair
     start = time.monotonic()
-    with pytest.raises(ReadTimeout, match="no message arrived within 0.2 s"):
+    with pytest.raises(ReadTimeout, match=r"no message arrived within 0\.2 s"):
         recv_message(b, DEFAULT_MAX_FRAME, timeout=5.0, idle_timeout=0.2)
     assert 0.15 <= time.monotonic() - start < 1.5
 
@@ -425,7 +425,7 @@ def test_a_reader_checks_the_cap_and_says_what_is_missing(pair) -> None:
     a2, b2 = socket.socketpair()
     with a2, b2:
         a2.sendall(blob[:-8])
-        with pytest.raises(ReadTimeout, match="8 of .* bytes of the payload missing"):
+        with pytest.raises(ReadTimeout, match=r"8 of .* bytes of the payload missing"):
             FrameReader(DEFAULT_MAX_FRAME).recv(b2, timeout=0.2)
 
 
@@ -527,7 +527,7 @@ def run_pair(server: Peer, client: Peer) -> dict[str, Any]:
     def call(side: str, peer: Peer, sock: socket.socket) -> None:
         try:
             results[side] = peer(sock)
-        except Exception as error:  # noqa: BLE001 - the test inspects it
+        except Exception as error:
             results[side] = error
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -761,7 +761,7 @@ def test_signature_differences_name_the_first_one() -> None:
         ours, model_signature(make_net().half())
     )
     assert "1.num_batches_tracked is missing from the peer's model" in signature_mismatch(ours, ours[:-1])
-    assert "extra entry head.bias" in signature_mismatch(ours, ours + [["head.bias", [2], "float32"]])
+    assert "extra entry head.bias" in signature_mismatch(ours, [*ours, ["head.bias", [2], "float32"]])
     assert "0.bias is missing" in signature_mismatch(ours, ours[:1] + ours[2:])
     assert "another order" in signature_mismatch(ours, [ours[1], ours[0], *ours[2:]])
 

@@ -8,7 +8,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -39,14 +39,14 @@ def signature_check(module: nn.Module) -> Callable[[dict], str | None]:
     return lambda hello: wire.signature_mismatch(ours, hello.get("signature"))
 
 
-Answer = Callable[[Message, FlatState], "Message | None | str"]
+Answer = Callable[[Message, FlatState], "Message | str | None"]
 
 
 def answer_with(value: float) -> Answer:
     """A gradient of ``value`` everywhere, BatchNorm means of ``value``, for the samples assigned."""
 
     def answer(assign: Message, flat: FlatState) -> Message:
-        indices, sizes = assign.tensors
+        indices, _sizes = assign.tensors
         grads = torch.full((flat.num_params,), value)
         floats = torch.full((flat.num_float_buffers,), value)
         ints = torch.full((flat.num_int_buffers,), 7, dtype=torch.int64)
@@ -120,7 +120,7 @@ class FakeWorker(threading.Thread):
                     self.errors.append(message.meta["reason"])
                 elif message.type == MessageType.DONE:
                     return
-        except BaseException as error:  # noqa: BLE001 - recorded for the test to inspect
+        except BaseException as error:
             self.failure = error
         finally:
             self.sock.close()
@@ -396,7 +396,7 @@ def test_wrongly_shaped_gradients_are_rejected(make_server):
 
 def test_no_workers_is_a_clear_error(make_server):
     server = make_server(worker_wait=0.3)
-    with pytest.raises(NoWorkersError, match="no worker is connected.*strategy.role=worker"):
+    with pytest.raises(NoWorkersError, match=r"no worker is connected.*strategy\.role=worker"):
         server.run_round(0, micro_batches(2), version=0)
 
 

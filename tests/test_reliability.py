@@ -188,7 +188,7 @@ class Fuzzer(L.Callback):
 def test_fuzzing_a_live_server_does_not_disturb_a_training_worker(tmp_path, monkeypatch):
     fuzzer = Fuzzer(count=3000, seed=7)
     original = training.instantiate_callbacks
-    monkeypatch.setattr(training, "instantiate_callbacks", lambda c: original(c) + [fuzzer])
+    monkeypatch.setattr(training, "instantiate_callbacks", lambda c: [*original(c), fuzzer])
     cfg = compose_config(
         tmp_path,
         [

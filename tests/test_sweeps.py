@@ -71,7 +71,7 @@ def test_multirun_summary_tables_and_plots(two_job_sweep):
 
 def test_every_job_has_an_hparams_session_with_its_settings(two_job_sweep):
     sweep, _ = two_job_sweep
-    for job, epochs in zip(_job_dirs(sweep), (1, 2)):
+    for job, epochs in zip(_job_dirs(sweep), (1, 2), strict=True):
         sessions = tensorboard_hparams(job / "tensorboard")
         assert len(sessions) == 1, sessions
         hparams = sessions[0]

@@ -71,16 +71,19 @@ def test_resume_from_last_ckpt_continues_at_the_right_epoch(tmp_path):
 
     straight = train(_resume_config(tmp_path, "straight"))
     assert straight["global_step"] == resumed["global_step"]
+
     # the learning-rate schedule continued where it stopped: same position and value as a straight run
-    ckpt = lambda d: torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)  # noqa: E731
+    def ckpt(run: str) -> dict:
+        return torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)
+
     sched_resumed, sched_straight = ckpt("resumed")["lr_schedulers"][0], ckpt("straight")["lr_schedulers"][0]
     assert sched_resumed["last_epoch"] == sched_straight["last_epoch"] == 3 * steps_per_epoch
     assert sched_resumed["_last_lr"] == pytest.approx(sched_straight["_last_lr"])
 
     # the step loss is written every 2nd optimizer step (0-based steps 1, 3, 5, ...), before and after resuming
-    loss_steps = lambda d: sorted(
-        step for step, _ in tensorboard_scalars(tmp_path / d / "tensorboard")["train/loss_step"]
-    )  # noqa: E731
+    def loss_steps(run: str) -> list[int]:
+        return sorted(step for step, _ in tensorboard_scalars(tmp_path / run / "tensorboard")["train/loss_step"])
+
     assert loss_steps("straight") == list(range(1, 18, 2))
     assert loss_steps("first") == list(range(1, 12, 2))
     assert loss_steps("resumed") == list(range(13, 18, 2))

@@ -235,7 +235,7 @@ def decode(header: bytes | bytearray | memoryview, payload: bytearray | memoryvi
     if sum(sizes) != length - offset:
         raise BadFrame(f"the tensors need {sum(sizes)} bytes, the payload carries {length - offset}")
     tensors = []
-    for (dtype, shape), size in zip(descriptors, sizes):
+    for (dtype, shape), size in zip(descriptors, sizes, strict=True):
         if size == 0:
             tensors.append(torch.empty(shape, dtype=dtype))
         else:
@@ -642,7 +642,9 @@ def signature_mismatch(ours: list, theirs: Any) -> str | None:
         return "signature mismatch: not a valid signature from the peer (expected [[name, shape, dtype], ...])"
     our_names = {entry[0] for entry in ours}
     their_names = {entry[0] for entry in theirs}
-    for (name, shape, dtype), (their_name, their_shape, their_dtype) in zip(ours, theirs):
+    for (name, shape, dtype), (their_name, their_shape, their_dtype) in zip(
+        ours, theirs, strict=False
+    ):  # lengths compared below
         if name != their_name:
             if name not in their_names:
                 return f"signature mismatch: {_printable(name)} is missing from the peer's model"

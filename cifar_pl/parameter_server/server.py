@@ -22,9 +22,10 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -84,10 +85,8 @@ class Connection:
 
     def close(self) -> None:
         self.alive = False
-        try:
+        with suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
 
@@ -220,7 +219,7 @@ class ParameterServer:
         while not self._stopping.is_set():
             try:
                 sock, peer = self._listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return  # listener closed
@@ -456,12 +455,10 @@ class ParameterServer:
                 inflight.pop(assignment.id)
                 conn.strikes += 1
                 self._event("rejected contribution", conn, reason=problem, strikes=conn.strikes)
-                try:
+                with suppress(wire.ProtocolError, OSError):
                     self._send(
                         conn, wire.encode(Message(MessageType.ERROR, {"reason": f"contribution rejected: {problem}"}))
                     )
-                except (wire.ProtocolError, OSError):
-                    pass
                 if conn.strikes >= self.settings.max_strikes:
                     self._drop(conn, f"{conn.strikes} rejected contributions")
                     self._orphan_assignments_of(conn, inflight, reassign)
@@ -514,12 +511,13 @@ class ParameterServer:
                     self._event(
                         "straggler",
                         conn,
-                        detail=f"no answer within the round timeout ({self.settings.round_timeout:g} s); dropped for this round",
+                        detail=f"no answer within the round timeout ({self.settings.round_timeout:g} s); "
+                        "dropped for this round",
                     )
                 reassign(assignment, "round timeout")
             if not inflight:
                 break
-            deadline = min(min(a.deadline for a in inflight.values()), self._io_deadline())
+            deadline = min(*(a.deadline for a in inflight.values()), self._io_deadline())
             events = self._poll(deadline - time.monotonic())
             timings["wait"] += time.perf_counter() - t
             for conn, item in events:

@@ -5,9 +5,9 @@ Each training "batch" the server's fit loop sees is a round: ``workers x accumul
 micro-batches of sample indices, taken in the same order a single-process run uses them. The strategy's
 ``training_step`` hands the round to the workers and collects their gradients; ``backward`` (which
 Lightning calls after zeroing the gradients) writes their sample-weighted average into the central model;
-Lightning's own optimizer step then clips it and steps AdamW and OneCycleLR. Validation, test, logging and checkpoints are Lightning's, once, on the
-central model. The number of rounds per epoch is fixed by the planned worker count, so the learning-rate
-schedule is the same however many workers come and go.
+Lightning's own optimizer step then clips it and steps AdamW and OneCycleLR. Validation, test, logging and
+checkpoints are Lightning's, once, on the central model. The number of rounds per epoch is fixed by the
+planned worker count, so the learning-rate schedule is the same however many workers come and go.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -295,7 +296,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
     def _write_worker_spec(self, trainer: L.Trainer, threads: int, path: Path) -> Path:
         module, datamodule = self.lightning_module, trainer.datamodule
         spec = {
-            "seed": int(os.environ.get("PL_GLOBAL_SEED", 0)),  # set by seed_everything in train.py
+            "seed": int(os.environ.get("PL_GLOBAL_SEED", "0")),  # set by seed_everything in train.py
             "precision": str(trainer.precision),
             "threads": threads,
             "secret_file": self.secret_file,

@@ -23,8 +23,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -178,8 +179,8 @@ class Worker:
         for _ in range(8):  # fp16 only: retry with a smaller loss scale after an overflow
             module.zero_grad(set_to_none=True)
             samples, loss_sum, correct = 0, 0.0, 0
-            for idx in micro_batches:
-                images, labels, idx = self.datamodule.train_set[idx]
+            for batch_indices in micro_batches:
+                images, labels, idx = self.datamodule.train_set[batch_indices]
                 x = self.datamodule.transform(images.to(device), idx.to(device), epoch, train=True)
                 y = labels.to(device)
                 with autocast_for(self.precision, device):
