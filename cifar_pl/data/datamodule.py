@@ -103,7 +103,9 @@ class ImageDataModule(L.LightningDataModule):
                 f"{arrays.channels} channels; fix data.num_classes / data.channels in the data config."
             )
 
-    def _loader(self, dataset: IndexedImages | None, loader: type[DataLoader] = DataLoader, **kwargs: Any) -> DataLoader:
+    def _loader(
+        self, dataset: IndexedImages | None, loader: type[DataLoader] = DataLoader, **kwargs: Any
+    ) -> DataLoader:
         if dataset is None:
             raise RuntimeError("ImageDataModule.setup() must run before asking for a DataLoader")
         workers = self.hparams.num_workers
@@ -128,7 +130,11 @@ class ImageDataModule(L.LightningDataModule):
         # takes its own share of every epoch.
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         return self._loader(
-            self.train_set, ResumableLoader, batch_size=None, sampler=self.train_batches(world, rank), position=self._position
+            self.train_set,
+            ResumableLoader,
+            batch_size=None,
+            sampler=self.train_batches(world, rank),
+            position=self._position,
         )
 
     def _position(self) -> tuple[int, int]:

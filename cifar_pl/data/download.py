@@ -46,15 +46,11 @@ def download_verified(title: str, url: str, md5: str, root: Path, looked_in: Seq
     except (OSError, RuntimeError) as error:  # URLError and socket timeouts are OSErrors
         reason = "the file arrived corrupted (MD5 mismatch)" if isinstance(error, RuntimeError) else str(error)
         target.unlink(missing_ok=True)  # never leave a partial download to be mistaken for a good one
-        raise DatasetError(
-            _missing_message(title, looked_in, url, root, f"The download failed: {reason}.")
-        ) from None
+        raise DatasetError(_missing_message(title, looked_in, url, root, f"The download failed: {reason}.")) from None
     return target
 
 
-def fetch_archive(
-    title: str, url: str, md5: str, root: Path, expected: Sequence[Path], download: bool
-) -> None:
+def fetch_archive(title: str, url: str, md5: str, root: Path, expected: Sequence[Path], download: bool) -> None:
     """Make sure the files ``expected`` exist under ``root``: extract the archive from ``url`` (already in
     ``root`` with the right MD5, or downloaded when ``download``) and check that it held them."""
     archive = root / url.rsplit("/", 1)[-1]

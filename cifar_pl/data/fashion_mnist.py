@@ -43,7 +43,9 @@ def read_idx(path: Path) -> np.ndarray:
             f"Delete it and run again to fetch a fresh copy."
         ) from None
     if len(raw) < 4:
-        raise DatasetError(f"Fashion-MNIST file {path} is only {len(raw)} bytes: it is truncated. Delete it and run again.")
+        raise DatasetError(
+            f"Fashion-MNIST file {path} is only {len(raw)} bytes: it is truncated. Delete it and run again."
+        )
     zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype != IDX_UBYTE or ndim not in (1, 3) or len(raw) < 4 + 4 * ndim:
         raise DatasetError(

@@ -53,7 +53,9 @@ class SyntheticSource:
         test = self._samples(classes, self.test_size, g)
         return ImageArrays(*train, *test, classes=tuple(f"class_{i}" for i in range(k)))
 
-    def _samples(self, classes: dict[str, torch.Tensor], count: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _samples(
+        self, classes: dict[str, torch.Tensor], count: int, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.image_size
         labels = (torch.arange(count) % self.num_classes)[torch.randperm(count, generator=g)]
         images = torch.empty(count, self.channels, size, size, dtype=torch.uint8)
