@@ -6,8 +6,8 @@ Holding a split as a single ``[N, C, H, W]`` uint8 tensor (like airbench) keeps 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor

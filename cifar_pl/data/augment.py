@@ -8,7 +8,7 @@ and parameter-server runs see identical inputs and a resumed run continues exact
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -3,8 +3,9 @@ augments + normalises whole batches on the device in ``on_after_batch_transfer``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch

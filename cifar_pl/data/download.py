@@ -4,9 +4,9 @@ failure becomes one clear paragraph: what is missing, where we looked, the URL t
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
