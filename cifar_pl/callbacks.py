@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.connectors.data_connector import _set_sampler_epoch
 
 from cifar_pl.classifier import ends_optimizer_step
+from cifar_pl.trainer_state import epochs_processed
 
 
 class EpochTimer(Callback):
@@ -156,7 +157,7 @@ class ExactResume(Callback):
     """
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"torch": torch.get_rng_state()}
+        state: dict[str, Any] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -173,6 +174,7 @@ class ExactResume(Callback):
         ):
             return  # a fresh run, or Lightning applied the position itself
         for loader in fit_loop._combined_loader.flattened:
-            _set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
+            _set_sampler_epoch(loader, epochs_processed(trainer))
         fit_loop._load_combined_loader_states()
+        assert fit_loop._data_fetcher is not None  # set up with the combined loader
         iter(fit_loop._data_fetcher)  # a new iterator, from the restored position

@@ -6,15 +6,16 @@ the network from the checkpoint alone, without this project's configs.
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cifar_pl.models import build_network, count_parameters
+from cifar_pl.trainer_state import log_every_n_steps
 
 
 def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
@@ -28,6 +29,8 @@ class ImageClassifier(L.LightningModule):
     ``lr`` is the peak learning rate of OneCycleLR, which is stepped after every optimizer step over
     ``trainer.estimated_stepping_batches`` steps (so gradient accumulation is accounted for).
     """
+
+    train_sums: Tensor  # a buffer: summed loss, correct predictions and samples of the epoch so far
 
     def __init__(
         self,
@@ -44,6 +47,9 @@ class ImageClassifier(L.LightningModule):
         super().__init__()
         # kept in checkpoints; the logger gets the whole run config instead (see training.log_hparams)
         self.save_hyperparameters(logger=False)
+        self.arch, self.in_channels, self.num_classes = arch, in_channels, num_classes
+        self.lr, self.weight_decay = lr, weight_decay
+        self.pct_start, self.div_factor, self.final_div_factor = pct_start, div_factor, final_div_factor
         self.net = build_network(arch, in_channels, num_classes, dropout=dropout)
         # lets the model summary show input/output shapes and FLOPs; every dataset is fed at 32x32
         self.example_input_array = torch.zeros(2, in_channels, 32, 32)
@@ -86,14 +92,17 @@ class ImageClassifier(L.LightningModule):
         sums[2] += count
         if self._writes_step_metrics(batch_idx):
             self.log("train/loss_step", float(loss_sum) / count, on_step=True, on_epoch=False, prog_bar=True)
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
+            scheduler = self.lr_schedulers()
+            assert isinstance(scheduler, LRScheduler)  # configure_optimizers returns exactly one
+            self.log("train/lr", scheduler.get_last_lr()[0], on_step=True, on_epoch=False)
 
     def _writes_step_metrics(self, batch_idx: int) -> bool:
         """True on the batches whose step metrics Lightning writes to the logger: the micro-batch that ends
         an accumulation window, every ``log_every_n_steps`` optimizer steps. Logging on other batches costs
         ~0.25 ms each and would show only in the progress bar."""
         trainer = self.trainer
-        return ends_optimizer_step(trainer, batch_idx) and (self.global_step + 1) % trainer.log_every_n_steps == 0
+        every = log_every_n_steps(trainer)
+        return ends_optimizer_step(trainer, batch_idx) and (self.global_step + 1) % every == 0
 
     def on_train_epoch_end(self) -> None:
         loss_sum, correct, count = self.trainer.strategy.reduce(self.train_sums.clone(), reduce_op="sum").tolist()
@@ -120,15 +129,14 @@ class ImageClassifier(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_confusion.reset()
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
-            max_lr=hp.lr,
+            max_lr=self.lr,
             total_steps=max(1, int(self.trainer.estimated_stepping_batches)),
-            pct_start=hp.pct_start,
-            div_factor=hp.div_factor,
-            final_div_factor=hp.final_div_factor,
+            pct_start=self.pct_start,
+            div_factor=self.div_factor,
+            final_div_factor=self.final_div_factor,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -26,6 +26,7 @@ from lightning.pytorch.trainer.call import _interrupt  # Lightning's own handlin
 from torch.multiprocessing.spawn import ProcessException
 
 from cifar_pl.runtime import available_cores, quiet_third_party_noise
+from cifar_pl.trainer_state import callbacks_of
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class _StateReturningLauncher(_MultiProcessingLauncher):
         def stop_ranks(signum: int, frame: Any) -> None:
             received.append(signal.Signals(signum).name)
             for process in self.procs:
-                if process.is_alive():
+                if process.is_alive() and process.pid is not None:  # a started process has a pid
                     os.kill(process.pid, signal.SIGTERM)
 
         previous = {sig: signal.signal(sig, stop_ranks) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -86,7 +87,7 @@ class _StateReturningLauncher(_MultiProcessingLauncher):
         extra = super().get_extra_results(trainer)
         state = {
             "fit_loop": trainer.fit_loop.state_dict(),
-            "callbacks": {c.state_key: c.state_dict() for c in trainer.callbacks},
+            "callbacks": {c.state_key: c.state_dict() for c in callbacks_of(trainer)},
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)  # as Lightning does for the metrics: bytes, read back weights_only
@@ -97,7 +98,7 @@ class _StateReturningLauncher(_MultiProcessingLauncher):
         super().update_main_process_results(trainer, extra)
         state = torch.load(io.BytesIO(extra["cifar_pl_state_bytes"]), weights_only=True)
         trainer.fit_loop.load_state_dict(state["fit_loop"])
-        for callback in trainer.callbacks:
+        for callback in callbacks_of(trainer):
             if callback.state_key in state["callbacks"]:
                 callback.load_state_dict(state["callbacks"][callback.state_key])
 

@@ -69,7 +69,7 @@ def build_datamodule(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) ->
 
 
 def _check_compatible(model: ImageClassifier, datamodule: ImageDataModule) -> None:
-    m, d = model.hparams, datamodule.hparams
+    m, d = model, datamodule
     if (m.num_classes, m.in_channels) != (d.num_classes, d.channels):
         raise ConfigurationError(
             f"the checkpoint's model takes {m.in_channels}-channel images and predicts {m.num_classes} classes, "
@@ -94,7 +94,7 @@ def plot_confusion(confusion: torch.Tensor, classes: tuple[str, ...], title: str
                 ax.text(
                     j,
                     i,
-                    int(confusion[i, j]),
+                    str(int(confusion[i, j])),
                     ha="center",
                     va="center",
                     fontsize=8,
@@ -146,7 +146,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     overall = float(results["test/acc"])
     print_accuracy_table(per_class, {n: int(c) for n, c in zip(classes, counts, strict=True)}, overall)
 
-    dataset = datamodule.hparams.dataset
+    dataset = datamodule.dataset
     figure = plot_confusion(confusion, classes, f"{dataset}: test accuracy {overall:.4f}")
     png = run_dir / "confusion_matrix.png"
     figure.savefig(png)
@@ -160,7 +160,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     evaluation = {
         "checkpoint": str(ckpt_path.resolve()),
         "dataset": dataset,
-        "model": model.hparams.arch,
+        "model": model.arch,
         "test/acc": overall,
         "test/loss": float(results["test/loss"]),
         "num_images": int(counts.sum()),

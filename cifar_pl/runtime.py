@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from typing import Literal, get_args
 
 import torch
+
+from cifar_pl.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -15,14 +18,31 @@ def uses_cuda(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def resolve_precision(precision: str | int, accelerator: str = "auto") -> str:
-    """``16-mixed`` on a machine without CUDA becomes ``bf16-mixed``: fp16 autocast is GPU-only, and
-    choosing bf16 here (instead of letting Lightning swap it with a warning) says so once, plainly."""
-    precision = str(precision)
-    if precision in ("16-mixed", "16") and not uses_cuda(accelerator):
+PrecisionName = Literal["64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed"]
+# Lightning's short forms, as Lightning reads them
+_PRECISIONS: dict[str, PrecisionName] = {
+    **{name: name for name in get_args(PrecisionName)},
+    "64": "64-true",
+    "32": "32-true",
+    "16": "16-mixed",
+    "bf16": "bf16-mixed",
+}
+
+
+def resolve_precision(precision: str | int, accelerator: str = "auto") -> PrecisionName:
+    """The precision by its full name. ``16-mixed`` on a machine without CUDA becomes ``bf16-mixed``: fp16
+    autocast is GPU-only, and choosing bf16 here (instead of letting Lightning swap it with a warning) says
+    so once, plainly."""
+    resolved = _PRECISIONS.get(str(precision))
+    if resolved is None:
+        raise ConfigurationError(
+            f"trainer.precision={precision!r} is not a precision Lightning knows here; use one of "
+            f"{', '.join(get_args(PrecisionName))} (16-mixed is the default)."
+        )
+    if resolved == "16-mixed" and not uses_cuda(accelerator):
         log.info("precision=16-mixed asked for on CPU, where fp16 autocast does not exist: using bf16-mixed")
         return "bf16-mixed"
-    return precision
+    return resolved
 
 
 def available_cores() -> int:

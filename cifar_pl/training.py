@@ -27,6 +27,7 @@ from cifar_pl.files import write_json
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.worker import Worker, WorkerSettings
 from cifar_pl.runtime import configure_threads, quiet_third_party_noise, resolve_precision, uses_cuda
+from cifar_pl.trainer_state import find_callback
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
 
 def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def _find(trainer: L.Trainer, kind: type) -> Any:
-    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
 def build_strategy(cfg: DictConfig) -> Strategy | str:
@@ -88,7 +85,7 @@ def announce_outputs(run_dir: Path, trainer: L.Trainer) -> None:
     lines = [f"Run directory:    {run_dir}"]
     if trainer.logger is not None and trainer.logger.log_dir:
         lines.append(f"TensorBoard logs: {trainer.logger.log_dir}")
-    checkpoint = _find(trainer, ModelCheckpoint)
+    checkpoint = find_callback(trainer, ModelCheckpoint)
     if checkpoint is not None and checkpoint.dirpath:
         lines.append(f"Checkpoints:      {checkpoint.dirpath}")
     lines.append(f"View the curves:  tensorboard --logdir {tensorboard_root(run_dir)}")
@@ -249,7 +246,7 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) ->
 
 def _fit_results(trainer: L.Trainer) -> dict[str, Any]:
     out: dict[str, Any] = {"epochs": trainer.current_epoch, "global_step": trainer.global_step}
-    timer = _find(trainer, EpochTimer)
+    timer = find_callback(trainer, EpochTimer)
     if timer is not None and timer.epoch_seconds:
         out["seconds_per_epoch"] = timer.mean_epoch_seconds
         out["epoch_seconds"] = timer.epoch_seconds

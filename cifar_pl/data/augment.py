@@ -9,15 +9,17 @@ and parameter-server runs see identical inputs and a resumed run continues exact
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 _MASK32 = 0xFFFFFFFF
+Hashed = TypeVar("Hashed", Tensor, int)  # the hash works on Python ints and on int64 tensors alike
 
 
-def _mix32(h: Tensor | int) -> Tensor | int:
+def _mix32(h: Hashed) -> Hashed:
     """A 32-bit integer hash (xorshift-multiply). Multipliers stay below 2**31 and values below 2**32, so
     int64 arithmetic never overflows and CPU and GPU give the same bits."""
     h = h & _MASK32

@@ -18,6 +18,7 @@ from cifar_pl.data.fashion_mnist import FashionMNISTSource
 from cifar_pl.data.sampling import EpochBatches, ResumableLoader
 from cifar_pl.data.synthetic import SyntheticSource
 from cifar_pl.errors import ConfigurationError
+from cifar_pl.trainer_state import batches_processed
 
 SOURCES: dict[str, Callable[..., Any]] = {
     "cifar10": lambda: CifarSource(CIFAR10),
@@ -60,6 +61,10 @@ class ImageDataModule(L.LightningDataModule):
         mean, std, options = [float(m) for m in mean], [float(s) for s in std], dict(options or {})
         # kept in checkpoints; the logger gets the whole run config instead (see training.log_hparams)
         self.save_hyperparameters(logger=False)
+        self.dataset, self.num_classes, self.channels = dataset, num_classes, channels
+        self.batch_size, self.eval_batch_size, self.val_size = batch_size, eval_batch_size, val_size
+        self.seed, self.download, self.num_workers = seed, download, num_workers
+        self.root = Path(root).expanduser()
         self.source = SOURCES[dataset](**options)
         self.transform = BatchTransform(
             mean, std, padding=crop_padding if augment else 0, flip=flip and augment, seed=seed
@@ -69,26 +74,22 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set: IndexedImages | None = None
         self.test_set: IndexedImages | None = None
 
-    @property
-    def root(self) -> Path:
-        return Path(self.hparams.root).expanduser()
-
     def prepare_data(self) -> None:
         """Download when missing (Lightning calls this on one process per node)."""
-        self.source.prepare(self.root, self.hparams.download)
+        self.source.prepare(self.root, self.download)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         arrays = self.source.load(self.root)
         self._check_matches_config(arrays)
-        n, val_size = len(arrays.train_labels), self.hparams.val_size
+        n, val_size = len(arrays.train_labels), self.val_size
         if not 0 < val_size < n:
             raise ConfigurationError(
-                f"data.val_size={val_size} must be between 1 and {n - 1}: the {self.hparams.dataset} training "
+                f"data.val_size={val_size} must be between 1 and {n - 1}: the {self.dataset} training "
                 f"split has {n} images and the validation hold-out is taken from it."
             )
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
         self.train_set = IndexedImages(arrays.train_images[train_idx], arrays.train_labels[train_idx])
         self.val_set = IndexedImages(arrays.train_images[val_idx], arrays.train_labels[val_idx])
@@ -96,11 +97,11 @@ class ImageDataModule(L.LightningDataModule):
         self.classes = arrays.classes
 
     def _check_matches_config(self, arrays: ImageArrays) -> None:
-        declared = (self.hparams.num_classes, self.hparams.channels)
+        declared = (self.num_classes, self.channels)
         if declared != (arrays.num_classes, arrays.channels):
             raise ConfigurationError(
                 f"the data config declares num_classes={declared[0]} and channels={declared[1]}, but the "
-                f"{self.hparams.dataset} files under {self.root} have {arrays.num_classes} classes and "
+                f"{self.dataset} files under {self.root} have {arrays.num_classes} classes and "
                 f"{arrays.channels} channels; fix data.num_classes / data.channels in the data config."
             )
 
@@ -109,22 +110,25 @@ class ImageDataModule(L.LightningDataModule):
     ) -> DataLoader:
         if dataset is None:
             raise RuntimeError("ImageDataModule.setup() must run before asking for a DataLoader")
-        workers = self.hparams.num_workers
+        workers = self.num_workers
         return loader(
             dataset,
-            collate_fn=keep_batch,
+            # torch types collate_fn as taking a list of samples; with __getitems__ it gets the whole batch
+            collate_fn=keep_batch,  # type: ignore[arg-type]
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             # an explicit generator: creating an iterator then draws nothing from the global RNG, which
             # stays reserved for the model (dropout), as in a parameter-server worker
-            generator=torch.Generator().manual_seed(self.hparams.seed),
+            generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
 
     def train_batches(self, num_replicas: int = 1, rank: int = 0) -> EpochBatches:
         """The training batches of every epoch, as sample indices (see ``EpochBatches``)."""
-        return EpochBatches(self.train_set, self.hparams.batch_size, num_replicas, rank, seed=self.hparams.seed)
+        if self.train_set is None:
+            raise RuntimeError("ImageDataModule.setup() must run before asking for the training batches")
+        return EpochBatches(self.train_set, self.batch_size, num_replicas, rank, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
         # The order is a pure function of (seed, epoch): a resumed run replays it, and under DDP each rank
@@ -143,13 +147,13 @@ class ImageDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return 0, 0
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return trainer.current_epoch, batches_processed(trainer)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, batch_size=self.hparams.eval_batch_size, shuffle=False)
+        return self._loader(self.val_set, batch_size=self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, batch_size=self.hparams.eval_batch_size, shuffle=False)
+        return self._loader(self.test_set, batch_size=self.eval_batch_size, shuffle=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 3):

@@ -25,7 +25,17 @@ class EpochBatches(DistributedSampler):
     """
 
     def __init__(self, dataset: Sized, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        # torch types the dataset as Dataset, which declares no __len__, yet the sampler needs one (torch's
+        # own code ignores the same error): any Sized works
+        super().__init__(
+            dataset,  # type: ignore[arg-type]
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=False,
+        )
+        self.dataset_size = len(dataset)
         self.batch_size = batch_size
         self._resume: tuple[int, int] | None = None  # (epoch, batches already done) for the next iteration
 
@@ -36,7 +46,7 @@ class EpochBatches(DistributedSampler):
     def permutation(self, epoch: int) -> Tensor:
         """This rank's samples for ``epoch``, in order (the same order ``DistributedSampler`` gives)."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(len(self.dataset), generator=generator)
+        order = torch.randperm(self.dataset_size, generator=generator)
         if self.total_size > len(order):  # pad so that every rank gets as many samples, as DistributedSampler does
             order = torch.cat([order, order[: self.total_size - len(order)]])
         return order[self.rank : self.total_size : self.num_replicas]
@@ -44,7 +54,7 @@ class EpochBatches(DistributedSampler):
     def batches(self, epoch: int) -> list[Tensor]:
         return list(torch.split(self.permutation(epoch), self.batch_size))
 
-    def __iter__(self) -> Iterator[Tensor]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Tensor]:
         batches = self.batches(self.epoch)
         if self._resume is not None and self._resume[0] == self.epoch:
             # consumed only by an iteration over the epoch it is for: Lightning also iterates once before
@@ -75,4 +85,6 @@ class ResumableLoader(DataLoader):
         return {"epoch": epoch, "batches_done": batches_done}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if not isinstance(self.sampler, EpochBatches):
+            raise TypeError(f"a ResumableLoader needs an EpochBatches sampler, got {type(self.sampler).__name__}")
         self.sampler.resume_at(int(state_dict["epoch"]), int(state_dict["batches_done"]))

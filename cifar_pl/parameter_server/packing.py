@@ -6,6 +6,8 @@ model signature checks, so both ends agree on where each tensor's slice lies wit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -28,7 +30,7 @@ class FlatState:
         self.num_int_buffers = sum(b.numel() for b in self.int_buffers)
 
     @staticmethod
-    def _flatten(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    def _flatten(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         if not tensors:
             return torch.zeros(0, dtype=dtype)
         with torch.no_grad():
@@ -36,7 +38,7 @@ class FlatState:
         return flat.to("cpu", dtype)
 
     @staticmethod
-    def _assign(tensors: list[Tensor], flat: Tensor) -> None:
+    def _assign(tensors: Sequence[Tensor], flat: Tensor) -> None:
         offset = 0
         with torch.no_grad():
             for t in tensors:

@@ -147,7 +147,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
         flat = flat.reshape(-1)
     if flat.dtype == torch.bfloat16:  # numpy has no bfloat16; the bytes are what matter
         flat = flat.view(torch.int16)
-    return memoryview(flat.numpy()).cast("B")  # the array keeps the tensor alive
+    return flat.numpy().data.cast("B")  # the array behind the view keeps the tensor alive
 
 
 def encode(message: Message) -> list[bytes | memoryview]:
@@ -167,7 +167,7 @@ def encode(message: Message) -> list[bytes | memoryview]:
     return [header + _META_LEN.pack(len(meta)) + meta, *views]
 
 
-def _parse_header(header: bytes | bytearray) -> tuple[MessageType, int]:
+def _parse_header(header: bytes | bytearray | memoryview) -> tuple[MessageType, int]:
     """Validate the fixed header; returns the message type and the announced payload length."""
     if len(header) != HEADER.size:
         raise BadFrame(f"a header is {HEADER.size} bytes, got {len(header)}")

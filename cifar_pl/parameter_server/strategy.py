@@ -29,6 +29,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch import Tensor
 
+from cifar_pl.classifier import ImageClassifier
 from cifar_pl.errors import ConfigurationError
 from cifar_pl.files import write_json
 from cifar_pl.parameter_server import protocol as wire
@@ -37,6 +38,7 @@ from cifar_pl.parameter_server.launch import LocalWorkers
 from cifar_pl.parameter_server.server import ParameterServer, ServerSettings
 from cifar_pl.parameter_server.worker import data_fingerprint
 from cifar_pl.runtime import available_cores
+from cifar_pl.trainer_state import batches_processed, datamodule_of
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ class RoundLoader:
         self._resume: tuple[int, int] | None = None
 
     def __len__(self) -> int:
-        longest_share = math.ceil(len(self.batches.dataset) / self.workers)
+        longest_share = math.ceil(self.batches.dataset_size / self.workers)
         return math.ceil(math.ceil(longest_share / self.batches.batch_size) / self.micro_batches)
 
     def __iter__(self) -> Iterator[RoundPlan]:
@@ -152,6 +154,18 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self._round_ended: float | None = None
         self._restored: dict[str, Any] | None = None  # the server's state from the checkpoint resumed from
 
+    @property
+    def classifier(self) -> ImageClassifier:
+        """The module being trained: the server reports each round's loss and accuracy through
+        ``ImageClassifier.training_batch_done``, and its workers compute ``classification_loss``."""
+        module = self.lightning_module
+        if not isinstance(module, ImageClassifier):
+            raise ConfigurationError(
+                f"the parameter-server strategy trains cifar_pl's ImageClassifier (model=cnn or model=legacy), "
+                f"got {type(module).__name__}"
+            )
+        return module
+
     # --- Lightning hooks -----------------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer) -> None:
@@ -165,7 +179,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             self._start(trainer)  # workers load while the server runs its sanity check
 
     def process_dataloader(self, dataloader: object) -> object:
-        trainer = self.lightning_module.trainer
+        trainer = self.classifier.trainer
         if trainer.state.stage != RunningStage.TRAINING:
             return dataloader
         batches = getattr(dataloader, "sampler", None)
@@ -174,9 +188,11 @@ class ParameterServerStrategy(SingleDeviceStrategy):
                 "the parameter-server strategy needs a training DataLoader whose sampler yields batches of sample "
                 "indices (cifar_pl.data.ImageDataModule's): the server hands out indices, never images"
             )
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
         return RoundLoader(
-            batches, self.workers, self.micro_batches_per_worker, lambda: (trainer.current_epoch, progress.processed)
+            batches,
+            self.workers,
+            self.micro_batches_per_worker,
+            lambda: (trainer.current_epoch, batches_processed(trainer)),
         )
 
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
@@ -198,7 +214,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
 
     def training_step(self, plan: RoundPlan, batch_idx: int) -> Tensor:
         assert self.server is not None
-        module = self.lightning_module
+        module = self.classifier
         started = time.perf_counter()
         if self._round_ended is not None and batch_idx > 0 and self.round_timings:
             # the server's own work between two rounds of an epoch: clip, AdamW, OneCycleLR, Lightning's loop
@@ -259,11 +275,11 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             )
 
     def _start(self, trainer: L.Trainer) -> None:
-        datamodule = trainer.datamodule
+        datamodule = datamodule_of(trainer)
         if datamodule is None or not hasattr(datamodule, "train_set"):
             raise ConfigurationError("the parameter-server strategy needs the run's DataModule (ImageDataModule)")
         datamodule.setup("fit")
-        module = self.lightning_module
+        module = self.classifier
         signature, fingerprint = wire.model_signature(module), data_fingerprint(datamodule)
 
         def check_hello(hello: dict[str, Any]) -> str | None:
@@ -294,7 +310,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             self.local_workers.start()
 
     def _write_worker_spec(self, trainer: L.Trainer, threads: int, path: Path) -> Path:
-        module, datamodule = self.lightning_module, trainer.datamodule
+        module, datamodule = self.classifier, datamodule_of(trainer)
         spec = {
             "seed": int(os.environ.get("PL_GLOBAL_SEED", "0")),  # set by seed_everything in train.py
             "precision": str(trainer.precision),
@@ -350,6 +366,6 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             "refused_connections": dict(server.refusals),
             "recent_refusals": server.recent_refusals,
         }
-        path = Path(self.lightning_module.trainer.default_root_dir) / "parameter_server" / "report.json"
+        path = Path(self.classifier.trainer.default_root_dir) / "parameter_server" / "report.json"
         write_json(path, report)
         log.info("parameter server report: %s", path)

@@ -29,8 +29,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
 
+from cifar_pl.classifier import ImageClassifier
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.packing import FlatState
 from cifar_pl.parameter_server.protocol import Message, MessageType
@@ -58,7 +58,7 @@ def data_fingerprint(datamodule: Any) -> dict[str, Any]:
     """What must match between server and workers for sample indices to mean the same images."""
     labels = datamodule.train_set.labels
     return {
-        "dataset": datamodule.hparams.dataset,
+        "dataset": datamodule.dataset,
         "train_samples": len(labels),
         "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16],
     }
@@ -76,7 +76,7 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
 class Worker:
     """Serves gradients to one parameter server until it says training is done."""
 
-    def __init__(self, module: L.LightningModule, datamodule: Any, precision: str, settings: WorkerSettings) -> None:
+    def __init__(self, module: ImageClassifier, datamodule: Any, precision: str, settings: WorkerSettings) -> None:
         self.module = module
         self.datamodule = datamodule
         self.precision = precision
@@ -221,12 +221,14 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module_name), attr)
 
 
-def build_from_spec(spec: dict[str, Any]) -> tuple[L.LightningModule, Any]:
+def build_from_spec(spec: dict[str, Any]) -> tuple[ImageClassifier, Any]:
     """The run's DataModule (set up) and LightningModule, built in the same order as train.py so that a
     worker's random state matches a single-process run's (dropout draws the same masks)."""
     L.seed_everything(spec["seed"], verbose=False)
     datamodule = _import(spec["datamodule"]["target"])(**spec["datamodule"]["hparams"])
-    module: nn.Module = _import(spec["module"]["target"])(**spec["module"]["hparams"])
+    module = _import(spec["module"]["target"])(**spec["module"]["hparams"])
+    if not isinstance(module, ImageClassifier):
+        raise TypeError(f"the spec's module {spec['module']['target']} is not an ImageClassifier")
     datamodule.prepare_data()
     datamodule.setup("fit")
     device = torch.device(spec.get("device", "cpu"))
