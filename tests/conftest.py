@@ -1,11 +1,16 @@
 import logging
+import os
 import time
+import uuid
 import warnings
 
 import pytest
 import torch
 
-from tests.helpers import project_processes
+from tests.helpers import SESSION_VARIABLE, project_processes
+
+# inherited by every process the tests start, so that leak checks count this session's processes only
+os.environ[SESSION_VARIABLE] = uuid.uuid4().hex
 
 
 @pytest.fixture(autouse=True)

@@ -169,13 +169,21 @@ def tensorboard_hparams(log_dir: Path) -> list[dict[str, object]]:
 # --- parameter server ---------------------------------------------------------------------------------
 
 
+# Every process this test session starts inherits this variable (tests/conftest.py sets it before any test), so
+# the checks below see only the session's own processes, never a training run or another suite running beside it.
+SESSION_VARIABLE = "CIFAR_PL_TEST_SESSION"
+
+
 def _live_processes() -> dict[int, tuple[bytes, int]]:
-    """{pid: (command line, parent pid)} of every running (not zombie) process on this machine."""
+    """{pid: (command line, parent pid)} of every running (not zombie) process started by this test session."""
+    marker = f"{SESSION_VARIABLE}={os.environ.get(SESSION_VARIABLE, '')}".encode()
     found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
+            if marker not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
             cmdline = (proc / "cmdline").read_bytes()
             fields = (proc / "stat").read_text().rsplit(")", 1)[-1].split()
         except OSError:
@@ -186,7 +194,7 @@ def _live_processes() -> dict[int, tuple[bytes, int]]:
 
 
 def worker_processes() -> list[int]:
-    """PIDs of parameter-server worker processes still running on this machine."""
+    """PIDs of parameter-server worker processes this test session started that are still running."""
     return [pid for pid, (cmdline, _) in _live_processes().items() if b"cifar_pl.parameter_server.worker" in cmdline]
 
 
@@ -201,7 +209,7 @@ _PROJECT_MARKERS = (
 
 
 def project_processes() -> set[int]:
-    """PIDs of this test session's children and of every process the project starts, still running."""
+    """PIDs of this test session's children and of the project processes it started, still running."""
     me = os.getpid()
     return {
         pid
