@@ -14,7 +14,8 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from cifar_pl.models import build_network, count_parameters
+from cifar_pl.errors import ConfigurationError
+from cifar_pl.models import DROPOUT_PLACEMENTS, build_network, count_parameters
 from cifar_pl.trainer_state import log_every_n_steps
 
 
@@ -23,11 +24,34 @@ def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
     return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
 
 
+def use_test_time_flip(model: L.LightningModule, datamodule: L.LightningDataModule, enabled: bool) -> None:
+    """Switch test-time augmentation (``tta=true``) on or off, refusing it for data whose config does not
+    say that mirror images keep their class (``data.flip``): averaging over a mirror would then mix classes."""
+    if not isinstance(model, ImageClassifier):
+        if enabled:
+            raise ConfigurationError(f"tta=true needs an ImageClassifier model, not {type(model).__name__}.")
+        return
+    if enabled and not getattr(datamodule, "flip", False):
+        raise ConfigurationError(
+            f"tta=true averages each test image's logits with its mirror image's, but the data config of "
+            f"{getattr(datamodule, 'dataset', type(datamodule).__name__)} says mirror images may not keep their "
+            f"class (data.flip=false). Leave out tta=true, or set data.flip=true if horizontal flips are "
+            f"label-preserving for this data."
+        )
+    model.test_time_flip = enabled
+
+
 class ImageClassifier(L.LightningModule):
     """Trains one of ``cifar_pl.models.NETWORKS``.
 
     ``lr`` is the peak learning rate of OneCycleLR, which is stepped after every optimizer step over
     ``trainer.estimated_stepping_batches`` steps (so gradient accumulation is accounted for).
+    ``label_smoothing`` applies to the training loss only: validation and test losses are plain
+    cross-entropy, comparable between runs whatever they trained with.
+
+    ``test_time_flip`` (not a hyperparameter: a way of testing, set by ``tta=true`` in train.py and
+    evaluate.py) makes the test average the logits of each image and its mirror image; the single-view
+    accuracy is then logged too, as ``test/acc_single_view``.
     """
 
     train_sums: Tensor  # a buffer: summed loss, correct predictions and samples of the epoch so far
@@ -38,6 +62,8 @@ class ImageClassifier(L.LightningModule):
         in_channels: int = 3,
         num_classes: int = 10,
         dropout: float = 0.5,
+        dropout_placement: str = "both",
+        label_smoothing: float = 0.0,
         lr: float = 0.01,
         weight_decay: float = 0.01,
         pct_start: float = 0.25,
@@ -48,9 +74,18 @@ class ImageClassifier(L.LightningModule):
         # kept in checkpoints; the logger gets the whole run config instead (see training.log_hparams)
         self.save_hyperparameters(logger=False)
         self.arch, self.in_channels, self.num_classes = arch, in_channels, num_classes
-        self.lr, self.weight_decay = lr, weight_decay
+        if dropout_placement not in DROPOUT_PLACEMENTS:
+            raise ConfigurationError(
+                f"model.dropout_placement={dropout_placement!r} is not one of {list(DROPOUT_PLACEMENTS)}: "
+                f"dropout after both hidden layers of the head, the first (64-wide) or the last (32-wide) only."
+            )
+        for name, value in (("dropout", dropout), ("label_smoothing", label_smoothing)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigurationError(f"model.{name}={value} must be at least 0 and below 1.")
+        self.lr, self.weight_decay, self.label_smoothing = lr, weight_decay, label_smoothing
         self.pct_start, self.div_factor, self.final_div_factor = pct_start, div_factor, final_div_factor
-        self.net = build_network(arch, in_channels, num_classes, dropout=dropout)
+        self.net = build_network(arch, in_channels, num_classes, dropout, dropout_placement)
+        self.test_time_flip = False
         # lets the model summary show input/output shapes and FLOPs; every dataset is fed at 32x32
         self.example_input_array = torch.zeros(2, in_channels, 32, 32)
         # Training loss and accuracy are running sums (summed loss, correct predictions, samples), logged
@@ -59,6 +94,7 @@ class ImageClassifier(L.LightningModule):
         self.register_buffer("train_sums", torch.zeros(3), persistent=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc_single_view = MulticlassAccuracy(num_classes, average="micro")
         # per-class results for evaluate.py; rows are true classes, columns predictions
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
 
@@ -71,11 +107,12 @@ class ImageClassifier(L.LightningModule):
         return self.net(x.contiguous(memory_format=torch.channels_last))
 
     def classification_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy of a batch, and how many of its predictions are right (no gradient)."""
+        """Mean training loss of a batch (cross-entropy, label-smoothed if set), and how many of its
+        predictions are right (no gradient)."""
         logits = self(x)
         with torch.no_grad():
             correct = (logits.argmax(dim=1) == y).sum()
-        return F.cross_entropy(logits, y), correct
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), correct
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -121,6 +158,10 @@ class ImageClassifier(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
+        if self.test_time_flip:
+            self.test_acc_single_view(logits, y)
+            self.log("test/acc_single_view", self.test_acc_single_view)
+            logits = (logits + self(x.flip(-1))) / 2  # the last dimension is the width: a mirror image
         self.test_acc(logits, y)
         self.test_confusion.update(logits, y)
         self.log("test/loss", F.cross_entropy(logits, y), sync_dist=True)

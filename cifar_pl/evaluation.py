@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cifar_pl.classifier import ImageClassifier
+from cifar_pl.classifier import ImageClassifier, use_test_time_flip
 from cifar_pl.data import ImageDataModule
 from cifar_pl.errors import ConfigurationError
 from cifar_pl.files import write_json
@@ -127,6 +127,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model.load_state_dict(checkpoint["state_dict"])
     datamodule = build_datamodule(cfg, checkpoint, ckpt_path)
     _check_compatible(model, datamodule)
+    use_test_time_flip(model, datamodule, bool(cfg.get("tta", False)))
 
     logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
     trainer = L.Trainer(
@@ -145,6 +146,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     per_class = {name: float(confusion[i, i] / max(int(counts[i]), 1)) for i, name in enumerate(classes)}
     overall = float(results["test/acc"])
     print_accuracy_table(per_class, {n: int(c) for n, c in zip(classes, counts, strict=True)}, overall)
+    if model.test_time_flip:
+        log.info(
+            f"With test-time flips (tta=true): {overall:.4f}; each image alone: {results['test/acc_single_view']:.4f}"
+        )
 
     dataset = datamodule.dataset
     figure = plot_confusion(confusion, classes, f"{dataset}: test accuracy {overall:.4f}")
@@ -163,6 +168,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "model": model.arch,
         "test/acc": overall,
         "test/loss": float(results["test/loss"]),
+        "tta": model.test_time_flip,
+        **({"test/acc_single_view": float(results["test/acc_single_view"])} if model.test_time_flip else {}),
         "num_images": int(counts.sum()),
         "per_class_accuracy": per_class,
         "confusion_matrix": confusion.tolist(),

@@ -1,5 +1,6 @@
 """Sweep results: every job's ``metrics.json`` and overrides collected into ``results.csv``/``results.md``,
-with plots of training time and test accuracy against epochs.
+with plots of training time and test accuracy against epochs; a sweep over seeds also gets
+``results_by_setting.csv``/``.md``: mean, lowest and highest result of each setting over its seeds.
 
 Runs by itself (``python experiments/summarize.py SWEEP_DIR``) and at the end of every Hydra multirun
 (``SummarizeSweep``, registered in ``conf/hydra/default.yaml``). A job that failed, or died before writing
@@ -28,6 +29,15 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 EPOCHS_KEY = "trainer.max_epochs"
+SEED_KEY = "seed"
+# the per-setting summary of a sweep over seeds: (column, metric, statistic)
+SETTING_COLUMNS = [
+    ("test/acc mean", "test/acc", "mean"),
+    ("test/acc min", "test/acc", "min"),
+    ("test/acc max", "test/acc", "max"),
+    ("best_val/acc mean", "best_val/acc", "mean"),
+    ("seconds_per_epoch mean", "seconds_per_epoch", "mean"),
+]
 RESULT_COLUMNS = [
     "status",
     "epochs",
@@ -137,16 +147,15 @@ def swept_keys(jobs: list[Job]) -> list[str]:
 
 def _format(value: Any, column: str) -> str:
     if isinstance(value, float):
-        if column.endswith("acc"):
+        if column.split(" ")[0].endswith("acc"):  # "test/acc", "test/acc mean", ...
             return f"{value:.4f}"
         return f"{value:.1f}" if "seconds" in column else f"{value:.4g}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def write_tables(jobs: list[Job], swept: list[str], sweep_dir: Path) -> list[Path]:
-    columns = ["job", *swept, *RESULT_COLUMNS]
-    rows = [job.row(swept) for job in jobs]
-    csv_path, md_path = sweep_dir / "results.csv", sweep_dir / "results.md"
+def _write_table(rows: list[dict[str, Any]], columns: list[str], sweep_dir: Path, stem: str) -> list[Path]:
+    """``<stem>.csv`` and ``<stem>.md`` (a Markdown table) in ``sweep_dir``."""
+    csv_path, md_path = sweep_dir / f"{stem}.csv", sweep_dir / f"{stem}.md"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -155,6 +164,33 @@ def write_tables(jobs: list[Job], swept: list[str], sweep_dir: Path) -> list[Pat
     lines += ["| " + " | ".join(_format(row[c], c) for c in columns) + " |" for row in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return [csv_path, md_path]
+
+
+def write_tables(jobs: list[Job], swept: list[str], sweep_dir: Path) -> list[Path]:
+    return _write_table([job.row(swept) for job in jobs], ["job", *swept, *RESULT_COLUMNS], sweep_dir, "results")
+
+
+def write_setting_tables(jobs: list[Job], swept: list[str], sweep_dir: Path) -> list[Path]:
+    """One row per setting (every swept key but the seed, in job order) over its completed jobs: how many
+    seeds ran, and the mean, lowest and highest test accuracy (the spread between seeds)."""
+    keys = [k for k in swept if k != SEED_KEY]
+    groups: dict[tuple[str, ...], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(tuple(job.overrides.get(k, "") for k in keys), []).append(job)
+    rows = []
+    for setting, members in groups.items():
+        done = [job for job in members if job.status == "completed"]
+        row: dict[str, Any] = {
+            **dict(zip(keys, setting, strict=True)),
+            "runs": len(done),
+            "failed": len(members) - len(done),
+        }
+        for column, metric, statistic in SETTING_COLUMNS:
+            values = [float(j.metrics[metric]) for j in done if isinstance(j.metrics.get(metric), (int, float))]
+            row[column] = float(getattr(np, statistic)(values)) if values else ""
+        rows.append(row)
+    columns = [*keys, "runs", "failed", *(c for c, _, _ in SETTING_COLUMNS)]
+    return _write_table(rows, columns, sweep_dir, "results_by_setting")
 
 
 def _series(jobs: list[Job], swept: list[str], value: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -227,6 +263,8 @@ def summarize_sweep(sweep_dir: str | Path) -> SweepSummary:
         )
     swept = swept_keys(jobs)
     files = write_tables(jobs, swept, sweep_dir)
+    if SEED_KEY in swept:
+        files += write_setting_tables(jobs, swept, sweep_dir)
     files.append(plot_time(jobs, swept, sweep_dir / "time_vs_epochs.png"))
     files.append(plot_accuracy(jobs, swept, sweep_dir / "accuracy_vs_epochs.png"))
     return SweepSummary(jobs, swept, files)

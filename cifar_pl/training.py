@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.model_summary import summarize
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_pl.callbacks import EpochTimer
+from cifar_pl.classifier import use_test_time_flip
 from cifar_pl.cli import in_multirun
 from cifar_pl.errors import ConfigurationError
 from cifar_pl.files import write_json
@@ -125,6 +126,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule: L.LightningDataModule = instantiate(cfg.data, _convert_="all")
     model: L.LightningModule = instantiate(cfg.model, _convert_="all")
+    use_test_time_flip(model, datamodule, bool(cfg.get("tta", False)))  # refused before training, not after
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = build_trainer(cfg, instantiate_callbacks(cfg.get("callbacks")), logger)
     if trainer.is_global_zero:
@@ -139,6 +141,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "precision": str(trainer.precision),
         "threads": threads,
         "seed": cfg.seed,
+        "tta": bool(cfg.get("tta", False)),
         "overrides": hydra_overrides(),
         "run_dir": str(run_dir),
     }

@@ -56,3 +56,55 @@ def test_legacy_net_has_the_original_layers():
 def test_unknown_network_is_refused_with_the_choices():
     with pytest.raises(ValueError, match=r"cnn.*legacy"):
         build_network("resnet", 3, 10)
+
+
+def _inputs_to_head_layers(net: ImprovedCNN, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """What the head's two hidden ReLUs put out, and what the Linear layer after each of them receives."""
+    relus = [m for m in net.classifier if isinstance(m, torch.nn.ReLU)]
+    linears = [m for m in net.classifier if isinstance(m, torch.nn.Linear)][1:]
+    outputs: list[torch.Tensor] = []
+    inputs: list[torch.Tensor] = []
+    hooks = [r.register_forward_hook(lambda _m, _i, out: outputs.append(out.clone())) for r in relus]
+    hooks += [lin.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].clone())) for lin in linears]
+    net(x)
+    for hook in hooks:
+        hook.remove()
+    return outputs, inputs
+
+
+@pytest.mark.parametrize(
+    "placement, dropped", [("both", [True, True]), ("first", [True, False]), ("last", [False, True])]
+)
+def test_dropout_placement_drops_after_the_named_hidden_layers_only(placement, dropped):
+    torch.manual_seed(0)
+    net = ImprovedCNN(dropout=0.5, dropout_placement=placement).train()
+    outputs, inputs = _inputs_to_head_layers(net, torch.randn(8, 3, 32, 32))
+    for relu_out, next_in, should_drop in zip(outputs, inputs, dropped, strict=True):
+        if should_drop:  # inverted dropout: every unit is either zeroed or scaled by 1 / (1 - 0.5)
+            kept = next_in != 0
+            assert (relu_out[kept] * 2 == next_in[kept]).all()
+            assert ((relu_out != 0) & ~kept).sum() > 0, "some active units must have been dropped"
+        else:
+            assert torch.equal(relu_out, next_in)
+
+
+def test_every_dropout_placement_loads_the_same_checkpoints():
+    """Places without dropout hold an Identity, so layer indices (state_dict keys) do not move."""
+    torch.manual_seed(0)
+    both = ImprovedCNN(1, 10, dropout_placement="both").eval()
+    x = torch.randn(2, 1, 32, 32)
+    for placement in ("first", "last"):
+        other = ImprovedCNN(1, 10, dropout_placement=placement).eval()
+        other.load_state_dict(both.state_dict())  # strict: the same keys
+        assert torch.equal(other(x), both(x))  # and in eval mode the same function
+
+
+def test_no_dropout_makes_training_mode_deterministic():
+    net = ImprovedCNN(dropout=0.0).train()
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(net(x), net(x))
+
+
+def test_unknown_dropout_placement_is_refused():
+    with pytest.raises(ValueError, match=r"both.*first.*last"):
+        ImprovedCNN(dropout_placement="middle")

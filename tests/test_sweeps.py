@@ -159,8 +159,31 @@ def test_summary_of_a_sweep_with_failed_jobs(tmp_path):
     assert rows[2]["error"] == "DatasetError: CIFAR-10 is not available"
     assert "no metrics.json" in rows[3]["error"] and "out of memory" in rows[3]["error"]
     assert (sweep / "results.md").read_text().count("| failed |") == 2
+    assert not (sweep / "results_by_setting.csv").exists()  # only a sweep over seeds gets one
     for name in ("time_vs_epochs.png", "accuracy_vs_epochs.png"):
         assert (sweep / name).read_bytes().startswith(PNG)
+
+
+def test_a_sweep_over_seeds_gets_a_table_per_setting(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = {"status": "completed", "epochs": 8, "seconds_per_epoch": 20.0, "best_val/acc": 0.9}
+    results = {("baseline", "42"): 0.88, ("baseline", "43"): 0.90, ("aug_none", "42"): 0.91, ("aug_none", "43"): None}
+    for number, ((setting, seed), acc) in enumerate(results.items()):
+        metrics = {**done, "test/acc": acc} if acc is not None else {"status": "failed", "error": "killed"}
+        _fixture_job(
+            sweep, f"{number}_+ablation={setting},seed={seed}", [f"+ablation={setting}", f"seed={seed}"], metrics
+        )
+    summary = summarize_sweep(sweep)
+    assert summary.swept == ["ablation", "seed"]
+    with (sweep / "results_by_setting.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["ablation"], r["runs"], r["failed"]) for r in rows] == [("baseline", "2", "0"), ("aug_none", "1", "1")]
+    assert float(rows[0]["test/acc mean"]) == pytest.approx(0.89)
+    assert (float(rows[0]["test/acc min"]), float(rows[0]["test/acc max"])) == (0.88, 0.90)
+    assert float(rows[1]["test/acc mean"]) == float(rows[1]["test/acc max"]) == 0.91
+    markdown = (sweep / "results_by_setting.md").read_text().splitlines()
+    assert markdown[0].startswith("| ablation | runs | failed | test/acc mean") and "| 0.8900 |" in markdown[2]
+    assert sweep / "results_by_setting.md" in summary.files
 
 
 def test_summarize_script_exit_codes(tmp_path):

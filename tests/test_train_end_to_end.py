@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_SYNTHETIC, run_script, tensorboard_scalars
+from cifar_pl.evaluation import evaluate
+from tests.helpers import TINY_SYNTHETIC, compose_config, run_script, tensorboard_scalars
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> tuple[Path, Path, str]:
-    """One short synthetic training run through ``python train.py``; returns (cwd, run_dir, stdout)."""
+    """One short synthetic training run through ``python train.py``, tested with and without test-time
+    flips (``tta=true``); returns (cwd, run_dir, stdout)."""
     cwd = tmp_path_factory.mktemp("e2e")
     run_dir = cwd / "run"
     result = run_script(
@@ -22,6 +24,7 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path, str]:
             "data.batch_size=8",
             "trainer.max_epochs=1",
             "trainer.log_every_n_steps=1",
+            "tta=true",
             f"hydra.run.dir={run_dir}",
         ],
         cwd=cwd,
@@ -38,6 +41,7 @@ def test_train_writes_metrics_json(trained_run):
     assert metrics["params"] == 104_362
     assert metrics["global_step"] == 12  # 384 training images / batch 8 = 48 batches / 4 accumulated
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0
+    assert metrics["tta"] is True and 0.0 <= metrics["test/acc_single_view"] <= 1.0
     assert metrics["train_seconds"] > 0 and metrics["seconds_per_epoch"] > 0
     assert Path(metrics["checkpoint"]).is_file() and Path(metrics["last_checkpoint"]).name == "last.ckpt"
     assert metrics["precision"] == "bf16-mixed"
@@ -82,13 +86,26 @@ def test_evaluate_the_checkpoint_train_wrote(trained_run):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     evaluation = json.loads((eval_dir / "evaluation.json").read_text())
     assert evaluation["dataset"] == "synthetic" and evaluation["num_images"] == 256
-    assert evaluation["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)  # same weights, same data
+    # same weights, same data, one view of each image (the training run's test also had their mirrors)
+    assert evaluation["test/acc"] == pytest.approx(metrics["test/acc_single_view"], abs=1e-6)
+    assert evaluation["tta"] is False and "test/acc_single_view" not in evaluation
     assert sum(map(sum, evaluation["confusion_matrix"])) == 256
     per_class = evaluation["per_class_accuracy"]
     assert len(per_class) == 10 and "class_0" in result.stdout and "overall" in result.stdout
     png = (eval_dir / "confusion_matrix.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
     assert "test/acc" in tensorboard_scalars(eval_dir / "tensorboard")
+
+
+def test_evaluate_with_test_time_flips_matches_the_training_runs_test(trained_run, tmp_path):
+    _, run_dir, _ = trained_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cfg = compose_config(tmp_path, [f"ckpt_path={metrics['checkpoint']}", "tta=true"], config_name="evaluate")
+    evaluation = evaluate(cfg)
+    assert evaluation["tta"] is True
+    assert evaluation["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert evaluation["test/acc_single_view"] == pytest.approx(metrics["test/acc_single_view"], abs=1e-6)
+    assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["tta"] is True
 
 
 def test_evaluate_with_a_missing_checkpoint_is_a_clear_error(tmp_path):

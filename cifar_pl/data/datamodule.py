@@ -64,6 +64,9 @@ class ImageDataModule(L.LightningDataModule):
         self.dataset, self.num_classes, self.channels = dataset, num_classes, channels
         self.batch_size, self.eval_batch_size, self.val_size = batch_size, eval_batch_size, val_size
         self.seed, self.download, self.num_workers = seed, download, num_workers
+        # the data config's word that mirror images keep their class: training flips half the images when
+        # augmenting, and a test may average each image's logits with its mirror's (``tta=true``)
+        self.flip = flip
         self.root = Path(root).expanduser()
         self.source = SOURCES[dataset](**options)
         self.transform = BatchTransform(
