@@ -14,4 +14,3 @@ class DatasetError(UserFacingError):
 
 class ConfigurationError(UserFacingError):
     """The configuration asks for something impossible (a bad path, mismatched sizes, ...)."""
-import os  # a deliberate lint finding: unused import
