@@ -5,7 +5,7 @@ Search order: ``<data.root>/fashion-mnist``, then Debian's ``dataset-fashion-mni
 
 Every file is checked on every load: its header must declare the genuine layout (28x28 images, at most
 60,000 items), no more than the declared bytes are read (a gzip bomb cannot exhaust memory), and the MD5 of
-the uncompressed content must be the published dataset's (``data.options.verify_checksums=false`` for your
+the uncompressed content must be the published dataset's (``+data.options.verify_checksums=false`` for your
 own files in this format).
 """
 
@@ -95,7 +95,7 @@ def read_idx(path: Path, item_shape: tuple[int, ...], max_items: int = MAX_ITEMS
             raise DatasetError(
                 f"Fashion-MNIST file {path} is not the published file: the MD5 of its content is {digest}, not "
                 f"{md5}, so an image or label differs (a damaged file, or one that only follows the format). "
-                f"Delete it and run again to fetch a fresh copy, or set data.options.verify_checksums=false to train "
+                f"Delete it and run again to fetch a fresh copy, or run with +data.options.verify_checksums=false to train "
                 f"on your own files in this format."
             )
     return np.frombuffer(data, dtype=np.uint8).reshape(shape)
