@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifar_pl.errors import UserFacingError
 
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 1  # as Lightning exits on Ctrl-C
 
 
 def _paragraph(message: str) -> str:
@@ -38,6 +40,10 @@ def handle_errors(task: F) -> F:
     Single run: a ``UserFacingError`` is printed as one wrapped paragraph on stderr and the process exits
     with status 2; anything else is a bug and keeps its traceback.
 
+    A SIGTERM that Lightning acts on outside training (sanity check, test) ends the run as interrupted, with
+    status 1 like Ctrl-C; Lightning's own exception for it is a bare ``SystemExit``, status 0, which a
+    scheduler would take for success.
+
     Multirun: the error goes to the job's log (its ``metrics.json`` already records it) and the task
     returns, so the remaining jobs still run and the sweep summary reports this one as failed. (Hydra's
     own handling would abort the summary, and ``SystemExit`` would abort the sweep.)
@@ -53,6 +59,8 @@ def handle_errors(task: F) -> F:
                 return None
             print("\nerror: " + _paragraph(str(error)), file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR) from None
+        except SIGTERMException:
+            raise SystemExit(EXIT_INTERRUPTED) from None
         except Exception as error:
             if not in_multirun():
                 raise

@@ -94,3 +94,49 @@ def test_a_writer_killed_outright_leaves_a_temporary_that_the_next_start_removes
     assert remove_stale_temporaries(tmp_path) == [leftover]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "last.ckpt"])
 
+
+class OneGpu:
+    """torch.cuda as a machine with one GPU shows it (these tests run on CPU): each device's RNG state."""
+
+    def __init__(self) -> None:
+        self.states = {0: torch.full((16,), 7, dtype=torch.uint8)}
+
+    def get_rng_state(self, device: int | str = "cuda") -> torch.Tensor:
+        return self.states[0 if device == "cuda" else int(device)].clone()
+
+    def set_rng_state(self, state: torch.Tensor, device: int | str = "cuda") -> None:
+        index = 0 if device == "cuda" else int(device)
+        if index not in self.states:
+            raise RuntimeError(f"CUDA error: invalid device ordinal {index}")
+        self.states[index] = state.clone()
+
+    def get_rng_state_all(self) -> list[torch.Tensor]:
+        return [self.states[i].clone() for i in sorted(self.states)]
+
+    def set_rng_state_all(self, states: list[torch.Tensor]) -> None:
+        for index, state in enumerate(states):
+            self.set_rng_state(state, index)
+
+
+@pytest.fixture
+def one_gpu(monkeypatch) -> OneGpu:
+    gpu = OneGpu()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, getattr(gpu, name))
+    return gpu
+
+
+def test_exact_resume_saves_and_restores_this_process_s_gpu_random_state_only(one_gpu):
+    from cifar_pl.callbacks import ExactResume
+
+    saved = ExactResume().state_dict()
+    assert torch.equal(saved["cuda"], one_gpu.states[0]), "one state: this process's device"
+    # a checkpoint from a machine with two GPUs, in the format that saved every visible GPU's state
+    first, second = torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)
+    ExactResume().load_state_dict({"torch": torch.get_rng_state(), "cuda": [first, second]})
+    assert torch.equal(one_gpu.states[0], first) and list(one_gpu.states) == [0]
+    ExactResume().load_state_dict({**saved, "cuda": second})
+    assert torch.equal(one_gpu.states[0], second)
