@@ -58,8 +58,8 @@ def _launch(topology: tuple[int, int], args: list[str], run_dir: Path, cwd: Path
 
 @pytest.mark.parametrize(
     ("stopped", "resumed"),
-    [((1, 2), (2, 1))],
-    ids=["ctrl-c-one-launcher-two-processes,resume-two-launchers"],
+    [((1, 2), (2, 1)), ((2, 1), (1, 2))],
+    ids=["ctrl-c-one-launcher-two-processes,resume-two-launchers", "ctrl-c-two-launchers,resume-one-launcher"],
 )
 def test_torchrun_stops_on_ctrl_c_and_resumes_to_the_test_and_metrics_json(tmp_path, stopped, resumed):
     # Ctrl-C reaches the launcher, which passes it on to its workers (they run in sessions of their own): as
