@@ -73,8 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from experiments.bench.stats import machine_load
+
     args = build_parser().parse_args(argv)
-    print(json.dumps(args.run(args)), flush=True)
+    print(f"machine at the start: {machine_load()}", flush=True)  # other work running shows here
+    figures = args.run(args)
+    print(f"machine at the end: {machine_load()}")
+    print(json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":

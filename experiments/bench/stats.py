@@ -10,6 +10,7 @@ far the median of a few repeats can be trusted without assuming the noise is nor
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -77,3 +78,10 @@ def describe(name: str, summary: dict[str, Any]) -> str:
         f"(range {summary['min']:.4f}-{summary['max']:.4f}; the median lies in "
         f"{summary['ci'][0]:.4f}-{summary['ci'][1]:.4f} with {summary['ci_coverage']:.1%} confidence)"
     )
+
+
+def machine_load() -> str:
+    """The load averages and core count: a measurement taken while other work ran says so in its output."""
+    one, five, _ = os.getloadavg()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {cores} cores"
