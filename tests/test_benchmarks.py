@@ -91,8 +91,9 @@ def test_strategies_benchmark(tmp_path):
     for name, summary in paired.items():
         check_paired(summary, repeats=1)
         numerator, denominator = name.replace("ps_", "parameter_server_").split("_vs_")
-        # one repeat: the paired ratio is the ratio of that repeat's throughputs
-        assert summary["median"] == pytest.approx(throughput[numerator] / throughput[denominator], rel=1e-3)
+        # one repeat: the paired ratio is the ratio of that repeat's throughputs (reported to 0.1 samples/s)
+        top, bottom = throughput[numerator], throughput[denominator]
+        assert summary["median"] == pytest.approx(top / bottom, rel=0.05 / top + 0.05 / bottom + 1e-4)
     for key in ("ps_vs_ddp_bare", "ps_vs_ddp_lightning", "ps_vs_allreduce"):
         assert figures[key] == paired[key]["median"]
 
