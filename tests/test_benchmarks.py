@@ -140,9 +140,8 @@ def test_server_load_benchmark(tmp_path):
     for summary in figures["paired_ratios"].values():
         check_paired(summary, repeats=1)
     assert figures["vs_naive"] == figures["paired_ratios"]["vs_naive"]["median"]
-    assert figures["vs_naive"] == pytest.approx(
-        servers["project"]["rounds_per_s"] / servers["naive"]["rounds_per_s"], rel=1e-2
-    )
+    project, naive = servers["project"]["rounds_per_s"], servers["naive"]["rounds_per_s"]  # to 0.1 rounds/s
+    assert figures["vs_naive"] == pytest.approx(project / naive, rel=0.05 / project + 0.05 / naive + 1e-4)
     assert figures["rounds_per_s"] == servers["project"]["rounds_per_s"]
     assert figures["rounds"] > 0
     assert 0 < figures["p50_ms"] <= figures["max_ms"]
