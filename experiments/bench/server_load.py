@@ -146,7 +146,7 @@ def _naive_server(workers: int, module: torch.nn.Module, per_worker: int, second
         sizes = torch.tensor([len(m) for m in micro_batches])
         share = len(indices) // workers
         for w, (sock, _) in enumerate(conns):
-            meta = {"round": version + 1, "assignment": next(assignments), "epoch": 0}
+            meta = {"round": version + 1, "assignment": next(assignments), "epoch": 0, "divisor": per_worker}
             mine = [indices[w * share : (w + 1) * share], sizes[w * per_worker : (w + 1) * per_worker]]
             wire.send_parts(sock, params + wire.encode(Message(MessageType.ASSIGN, meta, mine)), TIMEOUT)
         grad_sum = torch.zeros(flat.num_params)

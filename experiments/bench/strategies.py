@@ -165,7 +165,8 @@ def _bare_run(kind: str, worker: Worker, hp: dict[str, Any], run: dict[str, Any]
             _ddp_compute(ddp, worker, epoch, micro_batches)
         else:
             indices, sizes = torch.cat(micro_batches), torch.tensor([len(m) for m in micro_batches])
-            meta = {"epoch": epoch, "round": number, "assignment": number}
+            # what the server puts in an ASSIGN (divisor: each micro-batch's loss is divided by it, as Lightning does)
+            meta = {"epoch": epoch, "round": number, "assignment": number, "divisor": run["accumulate"]}
             assign = Message(MessageType.ASSIGN, meta, [indices, sizes])
             grads, floats, ints = worker.compute(assign).tensors
             both = torch.cat([grads, floats])
