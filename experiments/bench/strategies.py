@@ -204,7 +204,12 @@ def _bare_rank(rank: int, world: int, port: int, spec: dict[str, Any], commands:
             torch.manual_seed(spec["seed"] + rank)
             worker = Worker(module, datamodule, spec["precision"], WorkerSettings(address="127.0.0.1:0"))
             seconds = _bare_run(run["kind"], worker, spec["module"]["hparams"], run, world, rank)
-            results.put(("done", rank, seconds))
+            # after the clock: how far apart the ranks' weights ended (0 when their gradients were combined)
+            weights = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+            gathered = [torch.empty_like(weights) for _ in range(world)]
+            dist.all_gather(gathered, weights)
+            apart = max(float((other - weights).abs().max()) for other in gathered)
+            results.put(("done", rank, (seconds, apart, weights if rank == 0 else None)))
     except BaseException:
         results.put(("error", rank, traceback.format_exc()))
         raise
@@ -249,12 +254,18 @@ class BareRanks:
             answers[rank] = value
         return [answers[r] for r in range(self.world)]
 
-    def run(self, kind: str, steps: int, warmup: int, accumulate: int, clip: float, samples_per_step: int) -> float:
-        """Samples/s of ``kind`` over ``steps`` steps after ``warmup``."""
+    def run(
+        self, kind: str, steps: int, warmup: int, accumulate: int, clip: float, samples_per_step: int
+    ) -> tuple[float, torch.Tensor]:
+        """Samples/s of ``kind`` over ``steps`` steps after ``warmup``, and rank 0's weights at the end. A
+        contender that combines gradients must leave every rank with the same weights: checked here."""
         for commands in self.commands:
             commands.put({"kind": kind, "steps": steps, "warmup": warmup, "accumulate": accumulate, "clip": clip})
-        seconds = max(self._collect("done", timeout=600 + 10 * (steps + warmup)))
-        return steps * samples_per_step / seconds
+        answers = self._collect("done", timeout=600 + 10 * (steps + warmup))
+        seconds, apart, weights = max(a[0] for a in answers), answers[0][1], answers[0][2]
+        if kind != "compute_only" and apart != 0:
+            raise RuntimeError(f"{kind}: the ranks ended {apart:g} apart in their weights; gradients were not combined")
+        return steps * samples_per_step / seconds, weights
 
     def close(self) -> None:
         for commands in self.commands:
@@ -316,9 +327,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             for repeat in range(args.repeats):
                 order = [CONTENDERS[i] for i in balanced_order(len(CONTENDERS), repeat)]
+                weights: dict[str, torch.Tensor] = {}
                 for name in order:
                     if name in BARE:
-                        value = bare.run(
+                        value, weights[name] = bare.run(
                             name,
                             args.steps,
                             args.warmup_steps,
@@ -335,7 +347,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(
                     f"  repeat {repeat + 1} ({' > '.join(order)}): "
                     + ", ".join(f"{n} {samples[n][-1]:,.0f}" for n in CONTENDERS)
-                    + " samples/s",
+                    + " samples/s; ddp_bare and allreduce ended with weights "
+                    + f"{float((weights['ddp_bare'] - weights['allreduce']).abs().max()):g} apart (same work: 0)",
                     flush=True,
                 )
         finally:
