@@ -33,12 +33,13 @@ import multiprocessing as mp
 import queue
 import socket
 import statistics
+import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
@@ -280,7 +281,19 @@ class BareRanks:
 # --- the benchmark ---------------------------------------------------------------------------------------
 
 
+def _refuse(reason: str) -> NoReturn:
+    print(f"strategies: {reason}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.steps < 1 or args.warmup_steps < 0 or args.processes < 1:
+        _refuse("--steps and --processes must be at least 1, --warmup-steps at least 0")
+    if args.steps + args.warmup_steps == 4:  # torch's OneCycleLR divides by zero for 4 steps at pct_start 0.25
+        _refuse(
+            "the default one-cycle schedule cannot be built for exactly 4 steps in all (torch divides by zero); "
+            "change --steps or --warmup-steps"
+        )
     quiet_third_party_noise()
     world, cores = args.processes, available_cores()
     threads = args.threads or max(1, cores // world)
