@@ -5,7 +5,10 @@ statistics they report are computed right."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections import Counter
 from itertools import pairwise
@@ -19,15 +22,54 @@ from cifar_pl.files import write_atomically
 from experiments.bench.common import default_config, synthetic_data
 from experiments.bench.pipeline import TrainClock, time_project
 from experiments.bench.stats import balanced_order, median_ci, paired_summary
-from tests.helpers import run_script
+from tests.helpers import REPO, project_processes
 
 PAIRED_KEYS = {"median", "min", "max", "ci", "ci_coverage", "values"}
 
 
-def run_benchmark(tmp_path, args: list[str]) -> dict:
-    result = run_script("experiments/benchmark.py", args, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+# tiny sizes: every code path and every figure, in seconds
+SMOKE_ARGS = {
+    "pipeline": ["--batches", "2", "--repeats", "2", "--train-size", "400", "--warmup-batches", "1"],
+    "strategies": ["--steps", "2", "--warmup-steps", "1", "--repeats", "1"],
+    "server-load": ["--workers", "2", "--seconds", "0.5", "--processes", "1", "--repeats", "1"],
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
+    """The three benchmarks at tiny sizes, run at the same time: on 2 cores most of each run is one process
+    starting (imports) or waiting on another, so together they take little longer than the longest alone.
+    Returns each one's exit status, stdout and stderr, once every process they started is gone."""
+    before = project_processes()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
+    runs = {}
+    for name, args in SMOKE_ARGS.items():
+        folder = tmp_path_factory.mktemp(name)
+        with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
+            command = [sys.executable, str(REPO / "experiments" / "benchmark.py"), name, *args]
+            runs[name] = (subprocess.Popen(command, cwd=folder, env=env, stdout=out, stderr=err), folder)
+    results = {}
+    deadline = time.monotonic() + 600
+    try:
+        for name, (process, folder) in runs.items():
+            status = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+            results[name] = (status, (folder / "stdout").read_text(), (folder / "stderr").read_text())
+    finally:
+        for process, _ in runs.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    settle = time.monotonic() + 10  # the processes each benchmark started must end with it
+    while (left := project_processes() - before) and time.monotonic() < settle:
+        time.sleep(0.1)
+    assert not left, f"processes left running after the benchmarks: {sorted(left)}"
+    return results
+
+
+def figures_of(smoke_runs, name: str) -> dict:
+    status, stdout, stderr = smoke_runs[name]
+    assert status == 0, stdout[-3000:] + stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def check_paired(summary: dict, repeats: int) -> None:
@@ -42,10 +84,8 @@ def check_paired(summary: dict, repeats: int) -> None:
     assert 0 <= summary["ci_coverage"] < 1
 
 
-def test_pipeline_benchmark(tmp_path):
-    figures = run_benchmark(
-        tmp_path, ["pipeline", "--batches", "2", "--repeats", "2", "--train-size", "400", "--warmup-batches", "1"]
-    )
+def test_pipeline_benchmark(smoke_runs):
+    figures = figures_of(smoke_runs, "pipeline")
     assert set(figures) == {
         "pipeline_ratio",
         "paired_ratios",
@@ -67,8 +107,8 @@ def test_pipeline_benchmark(tmp_path):
     assert figures["threads"] >= 1
 
 
-def test_strategies_benchmark(tmp_path):
-    figures = run_benchmark(tmp_path, ["strategies", "--steps", "2", "--warmup-steps", "1", "--repeats", "1"])
+def test_strategies_benchmark(smoke_runs):
+    figures = figures_of(smoke_runs, "strategies")
     assert set(figures) == {
         "samples_per_s",
         "ps_vs_ddp_bare",
@@ -98,10 +138,8 @@ def test_strategies_benchmark(tmp_path):
         assert figures[key] == paired[key]["median"]
 
 
-def test_server_load_benchmark(tmp_path):
-    figures = run_benchmark(
-        tmp_path, ["server-load", "--workers", "2", "--seconds", "0.5", "--processes", "1", "--repeats", "1"]
-    )
+def test_server_load_benchmark(smoke_runs):
+    figures = figures_of(smoke_runs, "server-load")
     assert set(figures) == {
         "rounds_per_s",
         "vs_naive",
