@@ -143,8 +143,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         # warm up both contenders (oneDNN kernels, first-run code paths) before anything is timed
         warmup = min(args.warmup_batches, epoch_batches)
-        time_baseline(cfg, datamodule, warmup, seed=0, out=workdir / "warmup")
-        time_project(cfg, datamodule, warmup, run="warmup")
+        if warmup > 0:  # (0 batches would mean a whole epoch to both)
+            time_baseline(cfg, datamodule, warmup, seed=0, out=workdir / "warmup")
+            time_project(cfg, datamodule, warmup, run="warmup")
         project: list[float] = []
         baseline: list[float] = []
         for r in range(args.repeats):
