@@ -136,9 +136,11 @@ def _ddp_compute(ddp: DistributedDataParallel, worker: Worker, epoch: int, micro
             x = datamodule.transform(images.to(device), idx.to(device), epoch, train=True)
             y = labels.to(device)
             with autocast_for(worker.precision, device):
-                # the classifier's own loss, with ``self(x)`` going through the DDP wrapper
-                loss, hits = ImageClassifier.classification_loss(ddp, x, y)  # type: ignore[arg-type]
+                # the classifier's own loss, called with the DDP wrapper as ``self``: its ``self(x)`` is then DDP's
+                # forward, which is what arms the gradient synchronisation
+                loss, hits = ImageClassifier.classification_loss(ddp, x, y)
             (loss / len(micro_batches)).backward()
+        # the statistics a worker reports, read per micro-batch as it reads them (unused here)
         samples += len(y)
         loss_sum += float(loss.detach()) * len(y)
         correct += int(hits)
