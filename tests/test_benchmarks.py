@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +48,9 @@ def smoke_runs(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
         folder = tmp_path_factory.mktemp(name)
         with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
             command = [sys.executable, str(REPO / "experiments" / "benchmark.py"), name, *args]
-            runs[name] = (subprocess.Popen(command, cwd=folder, env=env, stdout=out, stderr=err), folder)
+            # a session of its own: on a timeout the benchmark is killed with everything it started
+            process = subprocess.Popen(command, cwd=folder, env=env, stdout=out, stderr=err, start_new_session=True)
+            runs[name] = (process, folder)
     results = {}
     deadline = time.monotonic() + 600
     try:
@@ -57,7 +60,7 @@ def smoke_runs(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
     finally:
         for process, _ in runs.values():
             if process.poll() is None:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
     settle = time.monotonic() + 10  # the processes each benchmark started must end with it
     while (left := project_processes() - before) and time.monotonic() < settle:
