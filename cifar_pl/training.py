@@ -197,6 +197,7 @@ def run_worker(cfg: DictConfig) -> dict[str, Any]:
             secret=wire.load_secret(settings.get("secret_file")),
             connect_timeout=float(settings.get("join_timeout", 120.0)),
             max_frame=int(settings.get("max_frame_mb", 256)) * 2**20,
+            frame_timeout=float(settings.get("frame_timeout", 30.0)),
             reconnect_timeout=float(settings.get("reconnect_timeout", 60.0)),
         )
         code = Worker(
