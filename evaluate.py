@@ -6,10 +6,12 @@ python evaluate.py ckpt_path=... data_root=/elsewhere/data    # dataset moved si
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from cifar_pl.cli import handle_errors
+from cifar_pl.cli import handle_errors, run_entry_point
 from cifar_pl.evaluation import evaluate
 
 
@@ -20,4 +22,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main, Path(__file__).parent / "conf", "evaluate.py")

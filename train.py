@@ -7,10 +7,12 @@ python train.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt   # resume
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from cifar_pl.cli import handle_errors
+from cifar_pl.cli import handle_errors, run_entry_point
 from cifar_pl.training import train
 
 
@@ -22,4 +24,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main, Path(__file__).parent / "conf", "train.py")
