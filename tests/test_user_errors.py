@@ -174,7 +174,7 @@ def test_tilde_and_variables_in_path_options_are_expanded(monkeypatch, tmp_path)
         [
             *PS,
             "strategy.secret_file='~/.cifar_pl_secret'",
-            "data.root='$DATASETS/cifar'",
+            "data.root=$DATASETS/cifar",
             "ckpt_path='~/runs/last.ckpt'",
         ],
     )
