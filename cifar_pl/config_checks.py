@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from cifar_pl.errors import ConfigurationError
 
@@ -48,8 +48,8 @@ def shown(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, (DictConfig, list, tuple, dict)):
-        return str(OmegaConf.to_container(value) if isinstance(value, DictConfig) else value)
+    if isinstance(value, (DictConfig, ListConfig)):
+        return str(OmegaConf.to_container(value))
     return str(value)
 
 
