@@ -12,12 +12,13 @@ import hydra
 from omegaconf import DictConfig
 
 from cifar_pl.cli import handle_errors, run_entry_point
-from cifar_pl.evaluation import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 @handle_errors
 def main(cfg: DictConfig) -> float:
+    from cifar_pl.evaluation import evaluate  # imported here: --help and command-line errors need no torch
+
     return evaluate(cfg)["test/acc"]
 
 

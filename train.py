@@ -13,12 +13,13 @@ import hydra
 from omegaconf import DictConfig
 
 from cifar_pl.cli import handle_errors, run_entry_point
-from cifar_pl.training import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @handle_errors
 def main(cfg: DictConfig) -> float | None:
+    from cifar_pl.training import train  # imported here: --help and command-line errors need no torch
+
     metrics = train(cfg)
     return metrics.get("test/acc")
 

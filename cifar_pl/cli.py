@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -42,6 +41,9 @@ def in_multirun() -> bool:
 
 def user_error_in(error: BaseException) -> BaseException | None:
     """The user's error behind ``error``: itself, or the cause Hydra's ``instantiate`` wrapped it in."""
+    # imported here: the entry points import this module before Lightning, to answer --help at once
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, (UserFacingError, MisconfigurationException)):
