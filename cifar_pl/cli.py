@@ -124,7 +124,8 @@ def explain_hydra_error(error: Exception, config_dir: Path, entry_point: str) ->
     (strategy.workers -> strategy=parameter_server)."""
     cause = error.__cause__
     if not isinstance(cause, OmegaConfBaseException) or not getattr(cause, "full_key", None):
-        return " ".join(str(error).split())
+        # e.g. an option that does not exist: Hydra lists the group's options, then its search path
+        return " ".join(str(error).split("\nConfig search path:")[0].split())
     from cifar_pl.config_checks import did_you_mean  # the config checks import torch; only when needed
 
     key = str(cause.full_key)

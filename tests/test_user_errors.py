@@ -138,6 +138,17 @@ def test_a_key_of_another_option_names_the_option_to_choose():
     assert "It is a setting of strategy=parameter_server" in message
 
 
+def test_an_unknown_option_lists_the_groups_options():
+    with (
+        initialize_config_dir(config_dir=str(CONF), version_base="1.3"),
+        pytest.raises(ConfigCompositionException) as caught,
+    ):
+        compose("train", overrides=["data=cifar1O"])
+    message = explain_hydra_error(caught.value, CONF, "train.py")
+    assert "Could not find 'data/cifar1O' Available options in 'data': cifar10 " in message
+    assert "search path" not in message
+
+
 def test_train_py_reports_a_misspelled_key_in_one_paragraph_with_status_2(tmp_path):
     result = run_script("train.py", ["trainer.max_epoch=2", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert result.returncode == 2, result.stderr
