@@ -22,10 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_pl.callbacks import EpochTimer
 from cifar_pl.cli import in_multirun
+from cifar_pl.config_checks import check_train_config
 from cifar_pl.errors import ConfigurationError
 from cifar_pl.files import remove_stale_temporaries, write_json
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.worker import Worker, WorkerSettings
+from cifar_pl.run_status import records_status
 from cifar_pl.runtime import configure_threads, quiet_third_party_noise, resolve_precision, uses_cuda
 from cifar_pl.trainer_state import find_callback
 
@@ -119,8 +121,10 @@ def remove_leftovers_of_killed_runs(run_dir: Path, ckpt_path: str | None) -> Non
         log.info("Removed %s, left by a run killed while writing it", path)
 
 
+@records_status
 def train(cfg: DictConfig) -> dict[str, Any]:
     quiet_third_party_noise()
+    check_train_config(cfg)
     if cfg.get("strategy") is not None and cfg.strategy.get("role") == "worker":
         return run_worker(cfg)
     run_dir = Path(cfg.paths.output_dir)
@@ -208,6 +212,7 @@ def run_worker(cfg: DictConfig) -> dict[str, Any]:
             secret=wire.load_secret(settings.get("secret_file")),
             connect_timeout=float(settings.get("join_timeout", 120.0)),
             max_frame=int(settings.get("max_frame_mb", 256)) * 2**20,
+            frame_timeout=float(settings.get("frame_timeout", 30.0)),
             reconnect_timeout=float(settings.get("reconnect_timeout", 60.0)),
         )
         code = Worker(

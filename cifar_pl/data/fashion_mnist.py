@@ -95,8 +95,8 @@ def read_idx(path: Path, item_shape: tuple[int, ...], max_items: int = MAX_ITEMS
             raise DatasetError(
                 f"Fashion-MNIST file {path} is not the published file: the MD5 of its content is {digest}, not "
                 f"{md5}, so an image or label differs (a damaged file, or one that only follows the format). "
-                f"Delete it and run again to fetch a fresh copy, or run with +data.options.verify_checksums=false to train "
-                f"on your own files in this format."
+                f"Delete it and run again to fetch a fresh copy, or run with +data.options.verify_checksums=false "
+                f"to train on your own files in this format."
             )
     return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
