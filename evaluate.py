@@ -6,18 +6,21 @@ python evaluate.py ckpt_path=... data_root=/elsewhere/data    # dataset moved si
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from cifar_pl.cli import handle_errors
-from cifar_pl.evaluation import evaluate
+from cifar_pl.cli import handle_errors, run_entry_point
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 @handle_errors
 def main(cfg: DictConfig) -> float:
+    from cifar_pl.evaluation import evaluate  # imported here: --help and command-line errors need no torch
+
     return evaluate(cfg)["test/acc"]
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main, Path(__file__).parent / "conf", "evaluate.py")

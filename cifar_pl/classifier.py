@@ -6,17 +6,19 @@ the network from the checkpoint alone, without this project's configs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LRScheduler, OneCycleLR
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cifar_pl.errors import ConfigurationError
 from cifar_pl.models import DROPOUT_PLACEMENTS, build_network, count_parameters
-from cifar_pl.trainer_state import log_every_n_steps
+from cifar_pl.trainer_state import log_every_n_steps, process_rank
 
 
 def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
@@ -147,6 +149,30 @@ class ImageClassifier(L.LightningModule):
         if count:
             self.log("train/loss", loss_sum / count, sync_dist=True)
             self.log("train/acc", correct / count, prog_bar=True, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the epoch's running sums, of every process (each rank takes part in saving), so that a run resumed
+        # mid-epoch reports that whole epoch's training loss and accuracy
+        checkpoint["train_sums"] = self.trainer.strategy.reduce(self.train_sums.clone(), reduce_op="sum").cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sums = checkpoint.get("train_sums")
+        if sums is not None:  # kept by one process, so that the epoch-end reduction counts them once
+            self.train_sums.copy_(sums if process_rank() == 0 else torch.zeros_like(sums))
+
+    def on_train_start(self) -> None:
+        """A resumed run must plan as many optimizer steps as the run it resumes: the one-cycle schedule is laid
+        out over the whole run when it starts, and the checkpoint restores that length; it cannot stretch."""
+        scheduler = self.lr_schedulers()
+        planned = max(1, int(self.trainer.estimated_stepping_batches))
+        if isinstance(scheduler, OneCycleLR) and scheduler.total_steps != planned:
+            raise ConfigurationError(
+                f"the checkpoint being resumed ({self.trainer.ckpt_path}) holds a one-cycle learning-rate schedule "
+                f"laid out over {scheduler.total_steps} optimizer steps, but this run's settings make "
+                f"{planned}. The schedule cannot be extended or shortened: resume with the settings of the run "
+                f"that wrote the checkpoint (trainer.max_epochs, data.batch_size, trainer.accumulate_grad_batches, "
+                f"devices), or start a new run to train for longer."
+            )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -23,8 +24,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.call import _interrupt  # Lightning's own handling of an interrupted fit
+from lightning.pytorch.trainer.states import TrainerStatus
 from torch.multiprocessing.spawn import ProcessException
 
+from cifar_pl.errors import UserFacingError
 from cifar_pl.runtime import available_cores, quiet_third_party_noise
 from cifar_pl.trainer_state import callbacks_of
 
@@ -35,9 +38,24 @@ class _StateReturningLauncher(_MultiProcessingLauncher):
     """Brings the fit loop's and the callbacks' ``state_dict`` back from rank 0 (Lightning brings only the
     weights, the trainer state and the callback metrics), and leaves stopping to the ranks: on Ctrl-C or
     SIGTERM this process asks every rank to stop gracefully (SIGTERM: stop at an agreed step and save) and
-    waits for them, instead of quitting under them."""
+    waits for them, instead of quitting under them. A user-facing error in a rank (a missing dataset, a
+    configuration error found during the fit) is raised again here as itself, so it reaches the user as
+    one paragraph; torch would wrap it in a ``ProcessRaisedException`` holding only its traceback's text."""
 
     def launch(self, function: Callable, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
+        # the ranks put their user-facing errors here; it travels to them with this launcher when they spawn
+        self._user_errors = multiprocessing.get_context("spawn").SimpleQueue()
+        try:
+            return self._launch(function, *args, trainer=trainer, **kwargs)
+        except ProcessException as error:
+            if not self._user_errors.empty():
+                user_error: UserFacingError = self._user_errors.get()
+                raise user_error from None
+            raise error
+        finally:
+            self._user_errors.close()
+
+    def _launch(self, function: Callable, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> Any:
         if threading.current_thread() is not threading.main_thread():
             return super().launch(function, *args, trainer=trainer, **kwargs)
         received: list[str] = []
@@ -80,6 +98,9 @@ class _StateReturningLauncher(_MultiProcessingLauncher):
                 _interrupt(trainer, exception)
                 trainer._teardown()
                 return None
+            except UserFacingError as error:
+                self._user_errors.put(error)
+                raise
 
         super()._wrapping_function(process_idx, trainer, stop_gracefully, *args, **kwargs)
 
@@ -125,6 +146,22 @@ class SpawnDDPStrategy(DDPStrategy):
             log.debug("not saving %s from the launching process", filepath)
             return
         super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def teardown(self) -> None:
+        """Under torchrun or SLURM the processes outlive the fit: train.py goes on to test on rank 0 alone while
+        the other ranks exit. So each rank leaves the process group here (after a barrier when the fit ended
+        normally, so none leaves while another still needs it); otherwise the test's collectives (Lightning's
+        ``prepare_data`` barrier, torchmetrics' sync) would wait forever for ranks that are gone."""
+        # the module's _trainer, as Lightning's DDPStrategy.teardown reads it (None when a fit failed early)
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        super().teardown()
+        environment = self.cluster_environment
+        if environment is None or not environment.creates_processes_externally:
+            return  # spawned ranks exit after the fit; the launching process never joined the group
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if trainer is not None and trainer.state.status == TrainerStatus.RUNNING:  # not failing or interrupted
+                torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
     def setup_environment(self) -> None:
         quiet_third_party_noise()  # in spawned processes too

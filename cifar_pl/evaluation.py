@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cifar_pl.classifier import ImageClassifier, use_test_time_flip
+from cifar_pl.config_checks import check_evaluate_config
 from cifar_pl.data import ImageDataModule
 from cifar_pl.errors import ConfigurationError
 from cifar_pl.files import write_json
@@ -119,6 +120,7 @@ def print_accuracy_table(per_class: dict[str, float], counts: dict[str, int], ov
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     quiet_third_party_noise()
+    check_evaluate_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path, checkpoint = load_checkpoint(str(cfg.ckpt_path))
     configure_threads(cfg.get("num_threads"))

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 C = TypeVar("C", bound=Callback)
 
@@ -46,3 +47,11 @@ def epochs_processed(trainer: L.Trainer) -> int:
     """Training epochs processed so far (see ``batches_processed`` for why this is typed here)."""
     current = trainer.fit_loop.epoch_progress.current
     return int(current.processed)  # type: ignore[attr-defined]
+
+
+def process_rank() -> int:
+    """This process's global rank as Lightning records it (0 outside distributed training), where no Trainer
+    is at hand (``load_state_dict``, ``on_load_checkpoint``). Lightning keeps it as an attribute of its
+    ``rank_zero_only`` function, which its types do not declare."""
+    rank: int = rank_zero_only.rank  # type: ignore[attr-defined]
+    return rank

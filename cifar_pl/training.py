@@ -23,10 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from cifar_pl.callbacks import EpochTimer
 from cifar_pl.classifier import use_test_time_flip
 from cifar_pl.cli import in_multirun
+from cifar_pl.config_checks import check_train_config
 from cifar_pl.errors import ConfigurationError
-from cifar_pl.files import write_json
+from cifar_pl.files import remove_stale_temporaries, write_json
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.worker import Worker, WorkerSettings
+from cifar_pl.run_status import records_status
 from cifar_pl.runtime import configure_threads, quiet_third_party_noise, resolve_precision, uses_cuda
 from cifar_pl.trainer_state import find_callback
 
@@ -110,8 +112,20 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(max(candidates, key=lambda p: p.stat().st_mtime))
 
 
+def remove_leftovers_of_killed_runs(run_dir: Path, ckpt_path: str | None) -> None:
+    """The temporary files that a run killed outright (SIGKILL, out of memory) left beside its metrics.json
+    and checkpoints: in this run's folders and in those of the run being resumed."""
+    folders = [run_dir, run_dir / "checkpoints"]
+    if ckpt_path:
+        folders += [Path(ckpt_path).parent, Path(ckpt_path).parent.parent]
+    for path in remove_stale_temporaries(*folders):
+        log.info("Removed %s, left by a run killed while writing it", path)
+
+
+@records_status
 def train(cfg: DictConfig) -> dict[str, Any]:
     quiet_third_party_noise()
+    check_train_config(cfg)
     if cfg.get("strategy") is not None and cfg.strategy.get("role") == "worker":
         return run_worker(cfg)
     run_dir = Path(cfg.paths.output_dir)
@@ -121,6 +135,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"ckpt_path={ckpt_path} does not exist. Give the path of a checkpoint written by an earlier run, "
             f"usually <run directory>/checkpoints/last.ckpt, to resume it."
         )
+    remove_leftovers_of_killed_runs(run_dir, ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
     threads = configure_threads(cfg.get("num_threads"))
 
@@ -200,6 +215,7 @@ def run_worker(cfg: DictConfig) -> dict[str, Any]:
             secret=wire.load_secret(settings.get("secret_file")),
             connect_timeout=float(settings.get("join_timeout", 120.0)),
             max_frame=int(settings.get("max_frame_mb", 256)) * 2**20,
+            frame_timeout=float(settings.get("frame_timeout", 30.0)),
             reconnect_timeout=float(settings.get("reconnect_timeout", 60.0)),
         )
         code = Worker(

@@ -204,6 +204,7 @@ _PROJECT_MARKERS = (
     b"evaluate.py",
     b"cifar_pl.parameter_server",
     b"multiprocessing.spawn",
+    b"multiprocessing.forkserver",
     b"experiments/benchmark.py",
 )
 
@@ -233,20 +234,76 @@ class KillWorkerAt(L.Callback):
 
 
 class SignalSelfAt(L.Callback):
-    """Sends this very process a real signal (SIGINT, SIGTERM, SIGKILL) as batch ``batch`` of epoch
-    ``epoch`` starts (a round, on a parameter server)."""
+    """Sends a real signal (SIGINT, SIGTERM, SIGKILL) as batch ``batch`` of epoch ``epoch`` starts (a round, on a
+    parameter server), from rank 0 (``every_rank``: from every rank), ``times`` times, then waits ``pause``
+    seconds. ``target``: ``self`` (this process), ``group`` (its process group, as Ctrl-C in a terminal does:
+    start it in a session of its own; ``group=true`` says the same) or ``launcher`` (the process group of the
+    process that started this one: a torchrun launcher, which passes the signal on to its workers)."""
 
-    def __init__(self, epoch: int, batch: int, signal: str, group: bool = False) -> None:
-        self.epoch, self.batch, self.signal, self.group = epoch, batch, signal, group
+    def __init__(
+        self,
+        epoch: int,
+        batch: int,
+        signal: str,
+        group: bool = False,
+        target: str = "self",
+        every_rank: bool = False,
+        times: int = 1,
+        pause: float = 0.0,
+    ) -> None:
+        self.epoch, self.batch, self.signal = epoch, batch, signal
+        self.target = "group" if group else target
+        self.every_rank, self.times, self.pause = every_rank, times, pause
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch and trainer.global_rank == 0:
+        if trainer.current_epoch != self.epoch or batch_idx != self.batch:
+            return
+        if trainer.global_rank == 0 or self.every_rank:
+            import signal as signals
+            import time
+
+            number = getattr(signals, self.signal)
+            for _ in range(self.times):
+                if self.target == "group":
+                    os.killpg(os.getpgid(0), number)
+                elif self.target == "launcher":
+                    os.killpg(os.getpgid(os.getppid()), number)
+                else:
+                    os.kill(os.getpid(), number)
+            time.sleep(self.pause)
+
+
+class SignalSelfDuring(L.Callback):
+    """Sends this process a real signal once, as the first batch of ``phase`` (``validation`` in epoch
+    ``epoch``, after the sanity check; or ``test``) starts."""
+
+    def __init__(self, phase: str, signal: str, epoch: int = 0) -> None:
+        self.phase, self.signal, self.epoch, self.sent = phase, signal, epoch, False
+
+    def _send(self, trainer: L.Trainer, phase: str) -> None:
+        in_epoch = phase == "test" or trainer.current_epoch == self.epoch
+        if phase == self.phase and in_epoch and not self.sent and not trainer.sanity_checking:
             import signal as signals
 
-            if self.group:  # as Ctrl-C in a terminal: the whole process group (start it in a session of its own)
-                os.killpg(os.getpgid(0), getattr(signals, self.signal))
-            else:
-                os.kill(os.getpid(), getattr(signals, self.signal))
+            self.sent = True
+            os.kill(os.getpid(), getattr(signals, self.signal))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._send(trainer, "validation")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._send(trainer, "test")
+
+
+class RaiseAt(L.Callback):
+    """A crash (RuntimeError) as batch ``batch`` of epoch ``epoch`` starts."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise RuntimeError(f"a crash in batch {batch_idx} of epoch {self.epoch}")
 
 
 def free_port() -> int:

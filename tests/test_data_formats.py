@@ -4,12 +4,16 @@ clear errors for missing, truncated and corrupt files."""
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import http.server
 import io
+import math
 import socket
+import struct
 import tarfile
 import threading
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,7 @@ import pytest
 import torch
 
 from cifar_pl.data.cifar import CIFAR10, CIFAR100, CifarSource, CifarVariant, parse_cifar_binary
-from cifar_pl.data.fashion_mnist import FashionMNISTSource, read_idx
+from cifar_pl.data.fashion_mnist import SYSTEM_DIR, FashionMNISTSource, read_idx
 from cifar_pl.errors import DatasetError
 from tests.helpers import cifar_records, idx_bytes, write_cifar10, write_fashion_mnist
 
@@ -82,13 +86,30 @@ def test_missing_cifar_without_download_names_the_path(tmp_path):
 # --- the download path, against a real HTTP server on 127.0.0.1 ------------------------------------
 
 
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves files; under /cut/, a transfer that breaks off: a chunked body whose first chunk never ends."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/cut/"):
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"1000\r\n" + bytes(100))
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        super().do_GET()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
 @pytest.fixture
 def http_server(tmp_path):
     """Serve ``tmp_path / 'www'`` over HTTP on 127.0.0.1; yields (folder, base URL)."""
     www = tmp_path / "www"
     www.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    handler = functools.partial(_Handler, directory=str(www))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -153,7 +174,7 @@ def test_unreachable_server_names_url_and_path(tmp_path):
 @pytest.mark.parametrize("gz", [True, False])
 def test_fashion_mnist_idx_parses_and_pads_to_32(tmp_path, gz):
     written = write_fashion_mnist(tmp_path / "data" / "fashion-mnist", train=40, test=20, gz=gz)
-    arrays = FashionMNISTSource(system_dir=tmp_path / "absent").load(tmp_path / "data")
+    arrays = FashionMNISTSource(system_dir=tmp_path / "absent", verify_checksums=False).load(tmp_path / "data")
     assert arrays.train_images.shape == (40, 1, 32, 32) and arrays.test_images.shape == (20, 1, 32, 32)
     np.testing.assert_array_equal(arrays.train_images[:, 0, 2:30, 2:30].numpy(), written["train_images"])
     assert arrays.train_images[:, :, :2].sum() == 0 and arrays.train_images[:, :, :, 30:].sum() == 0
@@ -163,29 +184,29 @@ def test_fashion_mnist_idx_parses_and_pads_to_32(tmp_path, gz):
 
 def test_fashion_mnist_is_found_in_the_system_folder(tmp_path):
     write_fashion_mnist(tmp_path / "system", train=10, test=5)
-    arrays = FashionMNISTSource(system_dir=tmp_path / "system").load(tmp_path / "empty-root")
+    arrays = FashionMNISTSource(system_dir=tmp_path / "system", verify_checksums=False).load(tmp_path / "empty-root")
     assert len(arrays.train_labels) == 10
 
 
 def test_truncated_idx_is_a_clear_error(tmp_path):
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(idx_bytes(np.zeros((3, 28, 28), dtype=np.uint8))[:-10])
-    with pytest.raises(DatasetError, match=r"declares shape \(3, 28, 28\).*truncated or corrupt"):
-        read_idx(path)
+    with pytest.raises(DatasetError, match=r"declares shape \(3, 28, 28\).*truncated, corrupt"):
+        read_idx(path, (28, 28))
 
 
 def test_corrupt_gzip_is_a_clear_error(tmp_path):
     path = tmp_path / "train-labels-idx1-ubyte.gz"
     path.write_bytes(b"\x1f\x8b\x08\x00garbage")
-    with pytest.raises(DatasetError, match="truncated or corrupt"):
-        read_idx(path)
+    with pytest.raises(DatasetError, match="truncated, corrupt"):
+        read_idx(path, ())
 
 
 def test_wrong_idx_magic_is_a_clear_error(tmp_path):
     path = tmp_path / "t10k-images-idx3-ubyte"
     path.write_bytes(b"\x00\x00\x0d\x03" + bytes(40))  # 0x0d = float data, not unsigned bytes
     with pytest.raises(DatasetError, match="IDX header"):
-        read_idx(path)
+        read_idx(path, (28, 28))
 
 
 def test_missing_fashion_mnist_without_download_names_both_places(tmp_path):
@@ -193,3 +214,109 @@ def test_missing_fashion_mnist_without_download_names_both_places(tmp_path):
         FashionMNISTSource(system_dir=tmp_path / "sys").prepare(tmp_path / "root", download=False)
     assert str(tmp_path / "root" / "fashion-mnist") in str(info.value)
     assert str(tmp_path / "sys") in str(info.value)
+
+
+# --- bounded, checked reads: lying, oversized and damaged files ----------------------------------------
+
+
+def _gzip_of_zeros(path: Path, header: bytes, zeros: int) -> None:
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header)
+        for _ in range(zeros // 2**20):
+            f.write(bytes(2**20))
+
+
+def test_a_gzip_bomb_is_refused_after_reading_only_what_its_header_declares(tmp_path):
+    # the header declares 10 images (7,840 bytes); the stream inflates to 64 MB
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    _gzip_of_zeros(path, struct.pack(">HBBIII", 0, 8, 3, 10, 28, 28), 64 * 2**20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError, match=r"declares shape \(10, 28, 28\) \(7,840 bytes of data\) but holds more"):
+            read_idx(path, (28, 28))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"read {peak:,} bytes at once"
+
+
+def test_a_corrupt_deflate_stream_is_a_clear_error(tmp_path):
+    data = bytearray(gzip.compress(idx_bytes(np.zeros(40, dtype=np.uint8)), mtime=0))
+    data[10] ^= 0xFF  # the first byte of the deflate stream: an invalid block type, a zlib.error
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r"cannot be read \(error: Error -3 while decompressing data"):
+        read_idx(path, ())
+
+
+@pytest.mark.parametrize(
+    ("dims", "problem"),
+    [
+        ((2**31, 2**31, 4), r"declares shape \(2147483648, 2147483648, 4\)"),  # np.prod overflows to 0 on this
+        (
+            (50, 3, 3),
+            r"declares shape \(50, 3, 3\), but a Fashion-MNIST file holds at most 60,000 items of shape \(28, 28\)",
+        ),
+    ],
+)
+def test_an_idx_header_that_lies_about_its_shape_is_a_clear_error(tmp_path, dims, problem):
+    folder = tmp_path / "data" / "fashion-mnist"
+    write_fashion_mnist(folder, train=10, test=5, gz=False)
+    data = bytes(math.prod(dims)) if math.prod(dims) < 2**20 else b""
+    (folder / "train-images-idx3-ubyte").write_bytes(struct.pack(">HBBIII", 0, 8, 3, *dims) + data)
+    with pytest.raises(DatasetError, match=problem):
+        FashionMNISTSource(system_dir=tmp_path / "absent", verify_checksums=False).load(tmp_path / "data")
+
+
+def test_a_cifar_file_larger_than_the_genuine_one_is_refused(tmp_path):
+    write_cifar10(tmp_path)
+    raw, _, _ = cifar_records(10_001, 1, 10, seed=5)  # the genuine files hold 10,000 images each
+    (tmp_path / "cifar-10-batches-bin" / "data_batch_4.bin").write_bytes(raw)
+    with pytest.raises(DatasetError, match=r"data_batch_4\.bin is larger than the 30,730,000 bytes \(10,000 images\)"):
+        CifarSource(CIFAR10).load(tmp_path)
+
+
+def test_fashion_mnist_files_that_only_follow_the_format_fail_the_published_checksums(tmp_path):
+    write_fashion_mnist(tmp_path / "data" / "fashion-mnist", train=10, test=5)
+    with pytest.raises(
+        DatasetError, match=r"train-images-idx3-ubyte.gz is not the published file.*verify_checksums=false"
+    ):
+        FashionMNISTSource(system_dir=tmp_path / "absent").load(tmp_path / "data")
+
+
+@pytest.mark.skipif(not SYSTEM_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_the_genuine_fashion_mnist_files_pass_the_published_checksums(tmp_path):
+    arrays = FashionMNISTSource().load(tmp_path / "empty-root")
+    assert arrays.train_images.shape == (60_000, 1, 32, 32) and arrays.test_labels.shape == (10_000,)
+
+
+def test_a_damaged_cifar_file_fails_the_checksums_recorded_at_extraction(tmp_path, http_server):
+    www, base = http_server
+    archive = _cifar10_archive(tmp_path)
+    (www / "cifar-10-binary.tar.gz").write_bytes(archive)
+    variant = _variant_at(f"{base}/cifar-10-binary.tar.gz", hashlib.md5(archive).hexdigest())
+    root = tmp_path / "data"
+    CifarSource(variant).prepare(root, download=True)
+    folder = root / "cifar-10-batches-bin"
+    assert "data_batch_2.bin" in (folder / "cifar_pl.md5").read_text()
+    CifarSource(variant).load(root)
+    batch = folder / "data_batch_2.bin"
+    damaged = bytearray(batch.read_bytes())
+    damaged[5] ^= 1  # one pixel, one bit: the length and the labels stay valid
+    batch.write_bytes(bytes(damaged))
+    with pytest.raises(DatasetError, match=r"data_batch_2\.bin differs from the file extracted from the verified"):
+        CifarSource(variant).load(root)
+    # extracted by hand (no record of the checksums): they are read from the verified archive beside it
+    (folder / "cifar_pl.md5").unlink()
+    with pytest.raises(DatasetError, match=r"data_batch_2\.bin differs"):
+        CifarSource(variant).load(root)
+
+
+def test_a_download_that_breaks_off_is_a_clear_error_and_leaves_nothing_behind(tmp_path, http_server):
+    _, base = http_server
+    target = tmp_path / "data" / "fashion-mnist"
+    with pytest.raises(DatasetError, match=r"The download failed: IncompleteRead"):
+        FashionMNISTSource(system_dir=tmp_path / "absent", mirror=f"{base}/cut/").prepare(
+            tmp_path / "data", download=True
+        )
+    assert list(target.iterdir()) == [], "no partial file for the next run to take for the dataset"

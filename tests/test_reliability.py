@@ -20,7 +20,7 @@ import torch
 
 import cifar_pl.training as training
 from cifar_pl.training import train
-from tests.helpers import REPO, TINY_SYNTHETIC, compose_config, free_port, worker_processes
+from tests.helpers import REPO, TINY_SYNTHETIC, compose_config, free_port, tensorboard_scalars, worker_processes
 
 RUN = [*TINY_SYNTHETIC, "data.batch_size=16", "trainer.enable_progress_bar=false"]  # 24 batches = 6 steps per epoch
 
@@ -53,40 +53,88 @@ def _ckpt(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
+# seed 2 gives validation accuracies (.078, .133, .070): the best epoch is the middle one, so a resumed run
+# that forgot it would test another checkpoint
+SEEDED = [*RUN, "trainer.max_epochs=3", "seed=2"]
+TIMINGS = ("train_seconds", "seconds_per_epoch", "epoch_seconds")
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory) -> Path:
     """The uninterrupted run the interrupted ones must match."""
     cwd = tmp_path_factory.mktemp("straight")
-    code, output = _finish(_train_py([*RUN, "trainer.max_epochs=3", f"hydra.run.dir={cwd / 'run'}"], cwd))
+    code, output = _finish(_train_py([*SEEDED, f"hydra.run.dir={cwd / 'run'}"], cwd))
     assert code == 0, output[-3000:]
     return cwd / "run"
 
 
-@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, straight_run, signal_name):
-    # the signal arrives as batch 9 of epoch 1 starts: training stops after batch 11, where the optimizer
-    # steps (accumulation 4), so the checkpoint holds step 6 + 3 = 9 and nothing half-accumulated
+def _comparable(run_dir: Path) -> dict:
+    """metrics.json apart from timings, with paths relative to the run directory and the overrides that
+    only say how the run was started (resumed from, stopped by) left out."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    out = {}
+    for key, value in metrics.items():
+        if key in TIMINGS or key == "run_dir":
+            continue
+        if key == "overrides":
+            out[key] = [o for o in value if not o.startswith(("ckpt_path=", "+callbacks.chaos"))]
+        elif isinstance(value, str) and value.startswith(str(run_dir)):
+            out[key] = os.path.relpath(value, run_dir)
+        else:
+            out[key] = value
+    return out
+
+
+def _epoch_scalars(run_dirs: list[Path], tag: str) -> dict[int, float]:
+    """A per-epoch TensorBoard scalar by step, over the halves of a run (the later half wins a step both wrote)."""
+    values = {}
+    for run_dir in run_dirs:
+        values.update(dict(tensorboard_scalars(run_dir / "tensorboard")[tag]))
+    return values
+
+
+@pytest.mark.parametrize(
+    ("signal_name", "epoch", "batch", "stopped_at"),
+    [
+        # mid-epoch: the signal arrives as batch 9 of epoch 2 starts; training stops after batch 11, where the
+        # optimizer steps (accumulation 4), so the checkpoint holds step 12 + 3 = 15 and nothing half-accumulated
+        ("SIGINT", 2, 9, (2, 15)),
+        # in the last accumulation window of epoch 1 (batches 20-23): its validation and checkpoints still run,
+        # then training stops; last.ckpt is the end of epoch 1
+        ("SIGTERM", 1, 21, (1, 12)),
+    ],
+)
+def test_a_signal_stops_at_a_consistent_point_and_the_resumed_run_reports_an_uninterrupted_one(
+    tmp_path, straight_run, signal_name, epoch, batch, stopped_at
+):
     chaos = [
         "+callbacks.chaos._target_=tests.helpers.SignalSelfAt",
-        "+callbacks.chaos.epoch=1",
-        "+callbacks.chaos.batch=9",
+        f"+callbacks.chaos.epoch={epoch}",
+        f"+callbacks.chaos.batch={batch}",
         f"+callbacks.chaos.signal={signal_name}",
     ]
-    code, output = _finish(
-        _train_py([*RUN, "trainer.max_epochs=3", *chaos, f"hydra.run.dir={tmp_path / 'first'}"], tmp_path)
-    )
-    assert code != 0, "an interrupted run must not report success"
+    started = time.monotonic()
+    first = _train_py([*SEEDED, *chaos, f"hydra.run.dir={tmp_path / 'first'}"], tmp_path)
+    code, output = _finish(first)
+    assert code == 1, "an interrupted run must not report success"
     assert f"{signal_name}: stopping at the end of this optimizer step" in output
     interrupted = json.loads((tmp_path / "first" / "metrics.json").read_text())
-    assert interrupted["status"] == "interrupted"
+    assert interrupted["status"] == "interrupted" and "test/acc" not in interrupted
     last = _ckpt(tmp_path / "first" / "checkpoints" / "last.ckpt")
-    assert (last["epoch"], last["global_step"]) == (1, 9)
+    assert (last["epoch"], last["global_step"]) == stopped_at
+    # every epoch trained so far was validated, the one the signal arrived in too when it had finished
+    validated = sorted(step for step, _ in tensorboard_scalars(tmp_path / "first" / "tensorboard")["val/acc"])
+    assert validated == [6 * e - 1 for e in range(1, stopped_at[1] // 6 + 1)]
+
+    # a run killed outright while writing left a temporary file; the next run cleans it up
+    leftover = tmp_path / "first" / "checkpoints" / f".last.ckpt.{first.pid}.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    os.utime(leftover, (time.time() - 3600, time.time() - 3600))
 
     code, output = _finish(
         _train_py(
             [
-                *RUN,
-                "trainer.max_epochs=3",
+                *SEEDED,
                 f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
                 f"hydra.run.dir={tmp_path / 'resumed'}",
             ],
@@ -94,8 +142,9 @@ def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, st
         )
     )
     assert code == 0, output[-3000:]
-    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
-    assert resumed["status"] == "completed" and resumed["global_step"] == 18 and resumed["epochs"] == 3
+    assert not leftover.exists()
+    # the same best score, the same tested checkpoint, the same test result: metrics.json as if never stopped
+    assert _comparable(tmp_path / "resumed") == _comparable(straight_run)
     # the same epoch, step, learning rate, data order and random state: the same model as the straight run
     final, straight = (
         _ckpt(tmp_path / "resumed" / "checkpoints" / "last.ckpt"),
@@ -104,6 +153,14 @@ def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(tmp_path, st
     assert final["lr_schedulers"][0]["_last_lr"] == straight["lr_schedulers"][0]["_last_lr"]
     for key, value in straight["state_dict"].items():
         torch.testing.assert_close(final["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+    # each epoch's training loss and accuracy cover the whole epoch, also the one that was resumed
+    halves = [tmp_path / "first", tmp_path / "resumed"]
+    for tag in ("train/loss", "train/acc", "val/acc"):
+        assert _epoch_scalars(halves, tag) == pytest.approx(_epoch_scalars([straight_run], tag), abs=1e-6), tag
+    # epoch times add up to the wall time the two halves took, not to seconds since boot
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert len(resumed["epoch_seconds"]) == 3
+    assert 0 < sum(resumed["epoch_seconds"]) < time.monotonic() - started
 
 
 def test_a_parameter_server_killed_mid_epoch_resumes_and_uses_every_sample_once(tmp_path):

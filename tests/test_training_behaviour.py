@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifar_pl.errors import ConfigurationError
 from cifar_pl.training import train
 from tests.helpers import TINY_SYNTHETIC, compose_config, tensorboard_scalars
 
@@ -66,11 +67,20 @@ def test_resume_from_last_ckpt_continues_at_the_right_epoch(tmp_path):
     resumed = train(resumed_cfg)
     assert resumed["status"] == "completed"
     assert resumed["epochs"] == 3
-    assert len(resumed["epoch_seconds"]) == 1, "only the missing third epoch is trained"
+    # the whole run's epoch times, carried over in the checkpoint (last.ckpt is written before an epoch's time
+    # is recorded, so the second epoch's time is recorded by the resumed run, from the checkpoint's clock)
+    assert len(resumed["epoch_seconds"]) == 3 and resumed["epoch_seconds"][0] == first["epoch_seconds"][0]
     assert resumed["global_step"] == 3 * steps_per_epoch
 
     straight = train(_resume_config(tmp_path, "straight"))
     assert straight["global_step"] == resumed["global_step"]
+
+    # a finished run cannot be extended: its one-cycle schedule is laid out over its 3 epochs
+    longer = _resume_config(tmp_path, "longer")
+    longer.trainer.max_epochs = 4
+    longer.ckpt_path = str(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    with pytest.raises(ConfigurationError, match=r"laid out over 18 optimizer steps, but this run's settings make 24"):
+        train(longer)
 
     # the learning-rate schedule continued where it stopped: same position and value as a straight run
     def ckpt(run: str) -> dict:
@@ -87,3 +97,71 @@ def test_resume_from_last_ckpt_continues_at_the_right_epoch(tmp_path):
     assert loss_steps("straight") == list(range(1, 18, 2))
     assert loss_steps("first") == list(range(1, 12, 2))
     assert loss_steps("resumed") == list(range(13, 18, 2))
+
+
+# --- stopping: only ever at a consistent point, and only once announced ------------------------------
+
+
+@pytest.fixture
+def signal_handlers():
+    """Lightning leaves SIGINT ignored after it handles a Ctrl-C; give the test session its handlers back."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def _ckpt(tmp_path: Path, run: str, name: str = "last.ckpt") -> dict:
+    return torch.load(tmp_path / run / "checkpoints" / name, weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "chaos",
+    [
+        ["_target_=tests.helpers.RaiseAt"],
+        # a real Ctrl-C, twice: the first asks for a stop at the step's end, the second stops at once
+        ["_target_=tests.helpers.SignalSelfAt", "signal=SIGINT", "times=2"],
+    ],
+    ids=["crash", "ctrl-c-twice"],
+)
+def test_a_stop_inside_an_accumulation_window_keeps_the_last_consistent_checkpoint(tmp_path, signal_handlers, chaos):
+    # batch 5 of epoch 1 is inside the window of batches 4-7: one step past the end of epoch 0 (6 steps)
+    where = ["+callbacks.chaos.epoch=1", "+callbacks.chaos.batch=5"]
+    cfg = _resume_config(tmp_path, "run", [*(f"+callbacks.chaos.{c}" for c in chaos), *where])
+    with pytest.raises((RuntimeError, SystemExit)):
+        train(cfg)
+    last = _ckpt(tmp_path, "run")
+    assert (last["epoch"], last["global_step"]) == (0, 6), "last.ckpt is still the end of epoch 0"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] in ("failed", "interrupted")
+
+
+def test_a_signal_during_the_final_validation_stops_the_run_as_announced(tmp_path, signal_handlers, capfd):
+    chaos = ["+callbacks.chaos._target_=tests.helpers.SignalSelfDuring", "+callbacks.chaos.phase=validation"]
+    cfg = _resume_config(tmp_path, "run", [*chaos, "+callbacks.chaos.signal=SIGTERM", "+callbacks.chaos.epoch=2"])
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg)
+    assert stopped.value.code == 1
+    assert (
+        "SIGTERM: stopping at the end of this optimizer step (after this epoch's validation" in capfd.readouterr().err
+    )
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and "test/acc" not in metrics, "stopped, as announced: no test"
+    last = _ckpt(tmp_path, "run")
+    assert last["global_step"] == 3 * 6, "the last epoch was trained and validated whole"
+    validated = tensorboard_scalars(tmp_path / "run" / "tensorboard")["val/acc"]
+    assert [step for step, _ in validated] == [5, 11, 17]
+
+
+def test_a_sigterm_during_the_test_ends_the_run_as_interrupted_with_status_1(tmp_path, signal_handlers):
+    from cifar_pl.cli import handle_errors
+
+    chaos = ["+callbacks.chaos._target_=tests.helpers.SignalSelfDuring", "+callbacks.chaos.phase=test"]
+    cfg = _resume_config(tmp_path, "run", [*chaos, "+callbacks.chaos.signal=SIGTERM"])
+    cfg.trainer.max_epochs = 1
+    with pytest.raises(SystemExit) as stopped:
+        handle_errors(train)(cfg)
+    assert stopped.value.code == 1, "Lightning's own SIGTERM exit is status 0, which a scheduler takes for success"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and "test/acc" not in metrics

@@ -1,8 +1,13 @@
 """Fetching dataset files: torchvision's download utilities (with MD5 verification) wrapped so that every
-failure becomes one clear paragraph: what is missing, where we looked, the URL tried, and how to fix it."""
+failure becomes one clear paragraph: what is missing, where we looked, the URL tried, and how to fix it.
+
+A download goes to a temporary name and takes its real name only once its MD5 matches, so an interrupted or
+corrupt download is never mistaken for the file by the next run."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -11,6 +16,7 @@ from pathlib import Path
 from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
 from cifar_pl.errors import DatasetError
+from cifar_pl.files import remove_stale_temporaries, temporary_path
 
 # urllib has no timeout by default: a black-holed network would hang the run forever.
 DOWNLOAD_TIMEOUT_S = 60.0
@@ -39,15 +45,29 @@ def _missing_message(title: str, looked_in: Sequence[Path], url: str, root: Path
 def download_verified(title: str, url: str, md5: str, root: Path, looked_in: Sequence[Path]) -> Path:
     """Download ``url`` into ``root`` and check its MD5, or raise a ``DatasetError`` saying why not."""
     target = root / url.rsplit("/", 1)[-1]
+    partial = temporary_path(target)
     try:
         root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(root)  # partial downloads of runs killed outright
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            download_url(url, str(root), filename=target.name, md5=md5)
-    except (OSError, RuntimeError) as error:  # URLError and socket timeouts are OSErrors
-        reason = "the file arrived corrupted (MD5 mismatch)" if isinstance(error, RuntimeError) else str(error)
-        target.unlink(missing_ok=True)  # never leave a partial download to be mistaken for a good one
+            download_url(url, str(root), filename=partial.name, md5=md5)
+        os.replace(partial, target)
+    except Exception as error:  # any failure of the transfer (URLError, timeouts, IncompleteRead, ...) is one
+        # torchvision says "File not found or corrupted." when the downloaded file's MD5 differs
+        corrupted = isinstance(error, RuntimeError) and "corrupted" in str(error)
+        reason = "the file arrived corrupted (MD5 mismatch)" if corrupted else f"{type(error).__name__}: {error}"
         raise DatasetError(_missing_message(title, looked_in, url, root, f"The download failed: {reason}.")) from None
+    finally:
+        partial.unlink(missing_ok=True)  # never leave a partial download behind
     return target
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fetch_archive(title: str, url: str, md5: str, root: Path, expected: Sequence[Path], download: bool) -> None:

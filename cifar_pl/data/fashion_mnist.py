@@ -2,12 +2,20 @@
 
 Search order: ``<data.root>/fashion-mnist``, then Debian's ``dataset-fashion-mnist`` package
 (``/usr/share/datasets/fashion-mnist``), then a download into ``<data.root>/fashion-mnist``.
+
+Every file is checked on every load: its header must declare the genuine layout (28x28 images, at most
+60,000 items), no more than the declared bytes are read (a gzip bomb cannot exhaust memory), and the MD5 of
+the uncompressed content must be the published dataset's (``+data.options.verify_checksums=false`` for your
+own files in this format).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,39 +35,70 @@ FILES = {
     "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
     "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
 }
+# The uncompressed files' MD5s. Computed from Debian's dataset-fashion-mnist 0.0~git20200523 (recompressed,
+# so its .gz MD5s differ from the above, but the content is the same): they match the raw-file checksums
+# published beside the gzipped ones above in several independent loaders.
+RAW_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+IMAGE_SIZE = (28, 28)
+MAX_ITEMS = 60_000  # the training split; no genuine file holds more
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 IDX_UBYTE = 0x08
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Parse an IDX file of unsigned bytes (optionally gzipped) into an array of its declared shape."""
+def read_idx(path: Path, item_shape: tuple[int, ...], max_items: int = MAX_ITEMS, md5: str | None = None) -> np.ndarray:
+    """Parse an IDX file of unsigned bytes (optionally gzipped) holding at most ``max_items`` items of
+    ``item_shape`` into an array of its declared shape. Reads no more than the header declares plus one
+    byte, and checks the MD5 of the uncompressed content when ``md5`` is given."""
+
+    def corrupt(problem: str) -> DatasetError:
+        return DatasetError(
+            f"Fashion-MNIST file {path} {problem}: it is truncated, corrupt or not a Fashion-MNIST IDX file. "
+            f"Delete it and run again to fetch a fresh copy."
+        )
+
     opener = gzip.open if path.suffix == ".gz" else open
+    ndim = 1 + len(item_shape)
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as error:  # gzip raises these on truncated or non-gzip data
-        raise DatasetError(
-            f"Fashion-MNIST file {path} cannot be read ({error}): it is truncated or corrupt. "
-            f"Delete it and run again to fetch a fresh copy."
-        ) from None
-    if len(raw) < 4:
-        raise DatasetError(
-            f"Fashion-MNIST file {path} is only {len(raw)} bytes: it is truncated. Delete it and run again."
-        )
-    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != IDX_UBYTE or ndim not in (1, 3) or len(raw) < 4 + 4 * ndim:
-        raise DatasetError(
-            f"Fashion-MNIST file {path} does not start with an IDX header for unsigned bytes "
-            f"(got magic {raw[:4].hex()}): it is corrupt or not an IDX file. Delete it and run again."
-        )
-    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    expected = int(np.prod(shape)) + 4 + 4 * ndim
-    if len(raw) != expected:
-        raise DatasetError(
-            f"Fashion-MNIST file {path} declares shape {shape} ({expected:,} bytes) but holds {len(raw):,} bytes: "
-            f"it is truncated or corrupt. Delete it and run again to fetch a fresh copy."
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+            magic = f.read(4)
+            if len(magic) < 4:
+                raise corrupt(f"is only {len(magic)} bytes")
+            zero, dtype, declared_ndim = struct.unpack(">HBB", magic)
+            if zero != 0 or dtype != IDX_UBYTE or declared_ndim != ndim:
+                raise corrupt(
+                    f"does not start with an IDX header for {ndim}-dimensional unsigned bytes (got magic {magic.hex()})"
+                )
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise corrupt("ends inside its header")
+            shape = struct.unpack(f">{ndim}I", dims)
+            if shape[1:] != item_shape or shape[0] > max_items:
+                raise corrupt(
+                    f"declares shape {shape}, but a Fashion-MNIST file holds at most {max_items:,} items of shape "
+                    f"{item_shape}"
+                )
+            size = math.prod(shape)  # Python integers: no overflow
+            data = f.read(size + 1)  # one byte more tells a file longer than it declares
+    except (OSError, EOFError, zlib.error) as error:  # gzip raises these on truncated, non-gzip or corrupt data
+        raise corrupt(f"cannot be read ({type(error).__name__}: {error})") from None
+    if len(data) != size:
+        held = "more than" if len(data) > size else f"only {len(data):,} bytes, not"
+        raise corrupt(f"declares shape {shape} ({size:,} bytes of data) but holds {held} that")
+    if md5 is not None:
+        digest = hashlib.md5(magic + dims + data).hexdigest()
+        if digest != md5:
+            raise DatasetError(
+                f"Fashion-MNIST file {path} is not the published file: the MD5 of its content is {digest}, not "
+                f"{md5}, so an image or label differs (a damaged file, or one that only follows the format). "
+                f"Delete it and run again to fetch a fresh copy, or run with +data.options.verify_checksums=false "
+                f"to train on your own files in this format."
+            )
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -72,8 +111,12 @@ def _find(folder: Path, stem: str) -> Path | None:
 class FashionMNISTSource:
     """Fashion-MNIST IDX files, found locally or downloaded; images padded by 2 to 32x32."""
 
-    def __init__(self, system_dir: str | Path = SYSTEM_DIR) -> None:
+    def __init__(
+        self, system_dir: str | Path = SYSTEM_DIR, mirror: str = MIRROR, verify_checksums: bool = True
+    ) -> None:
         self.system_dir = Path(system_dir)
+        self.mirror = mirror
+        self.verify_checksums = verify_checksums
 
     def _locate(self, root: Path) -> dict[str, Path] | None:
         for folder in (root / "fashion-mnist", self.system_dir):
@@ -95,7 +138,12 @@ class FashionMNISTSource:
             )
         for stem, md5 in FILES.items():
             if _find(target, stem) is None:
-                download_verified("Fashion-MNIST", f"{MIRROR}{stem}.gz", md5, target, looked_in)
+                download_verified("Fashion-MNIST", f"{self.mirror}{stem}.gz", md5, target, looked_in)
+
+    def _md5(self, kind: str) -> str | None:
+        """The published MD5 of ``<split>-<images|labels>``, or None with verify_checksums=false."""
+        stem = f"{kind}-idx{3 if kind.endswith('images') else 1}-ubyte"
+        return RAW_MD5[stem] if self.verify_checksums else None
 
     def load(self, root: Path) -> ImageArrays:
         self.prepare(root, download=False)
@@ -103,9 +151,9 @@ class FashionMNISTSource:
         assert files is not None  # prepare() raised otherwise
         splits = {}
         for split, prefix in (("train", "train"), ("test", "t10k")):
-            images = read_idx(files[f"{prefix}-images-idx3-ubyte"])
-            labels = read_idx(files[f"{prefix}-labels-idx1-ubyte"])
-            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            images = read_idx(files[f"{prefix}-images-idx3-ubyte"], IMAGE_SIZE, md5=self._md5(f"{prefix}-images"))
+            labels = read_idx(files[f"{prefix}-labels-idx1-ubyte"], (), md5=self._md5(f"{prefix}-labels"))
+            if len(images) != len(labels):
                 raise DatasetError(
                     f"Fashion-MNIST {split} files in {files[f'{prefix}-images-idx3-ubyte'].parent} do not match: "
                     f"images {images.shape}, labels {labels.shape}. Delete them and run again."

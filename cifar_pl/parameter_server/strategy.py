@@ -122,6 +122,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         worker_threads: int | None = None,
         max_frame_mb: int = 256,
         max_pending_handshakes: int = 16,
+        frame_timeout: float = 30.0,
+        max_strikes: int = 3,
         device: str | None = None,
     ) -> None:
         super().__init__(device=device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
@@ -145,6 +147,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             worker_wait=worker_wait,
             max_frame=max_frame_mb * 1024 * 1024,
             max_pending=max_pending_handshakes,
+            frame_timeout=frame_timeout,
+            max_strikes=max_strikes,
         )
         self.micro_batches_per_worker = 1
         self.server: ParameterServer | None = None
