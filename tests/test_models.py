@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from cifar_pl.models import ImprovedCNN, LegacyNet, build_network, count_parameters
+from cifar_pl.config_checks import TRAIN_RULES
+from cifar_pl.models import DROPOUT_PLACEMENTS, ImprovedCNN, LegacyNet, build_network, count_parameters
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -108,3 +109,9 @@ def test_no_dropout_makes_training_mode_deterministic():
 def test_unknown_dropout_placement_is_refused():
     with pytest.raises(ValueError, match=r"both.*first.*last"):
         ImprovedCNN(dropout_placement="middle")
+
+
+def test_the_config_pass_accepts_exactly_the_dropout_placements_there_are():
+    rule = TRAIN_RULES["model.dropout_placement"]  # spelt out there, so that the pass need not import torch
+    assert all(rule.accepts(placement) for placement in DROPOUT_PLACEMENTS)
+    assert rule.allowed == "one of " + ", ".join(DROPOUT_PLACEMENTS)
