@@ -59,7 +59,8 @@ def test_every_target_in_every_config_file_instantiates(tmp_path):
 def test_defaults_are_the_documented_recipe(tmp_path):
     cfg = compose_config(tmp_path)
     assert cfg.data.dataset == "cifar10" and cfg.data.batch_size == 32 and cfg.data.val_size == 5000
-    assert cfg.model.arch == "cnn" and cfg.model.weight_decay == 0.01 and cfg.model.dropout == 0.5
+    assert cfg.model.arch == "cnn" and cfg.model.weight_decay == 0.01 and cfg.model.dropout == 0.0
+    assert cfg.model.label_smoothing == 0.1 and cfg.data.crop_padding == 4 and cfg.data.flip
     assert cfg.trainer.precision == "16-mixed"
     module = instantiate(cfg.model, _convert_="all")
     assert module.num_parameters == 104_362

@@ -164,3 +164,43 @@ def test_each_ablation_setting_changes_the_old_recipe_as_it_says():
         else:  # one change alone
             assert len(changed) == 1, (name, changed)
         assert set(OmegaConf.to_container(setting)) <= {"data", "model"}, name
+
+
+# --- the defaults the ablation chose (docs/recipe.md) ----------------------------------------------------
+
+# model settings, the same for every dataset and shared by both networks (the legacy net has no dropout)
+CHOSEN_MODEL = {
+    "model.dropout": 0.0,
+    "model.dropout_placement": "both",
+    "model.label_smoothing": 0.1,
+    "model.lr": 0.01,
+    "model.pct_start": 0.25,
+    "model.weight_decay": 0.01,
+}
+CHOSEN = {
+    "fashion_mnist": {"data.augment": True, "data.crop_padding": 0, "data.flip": True, **CHOSEN_MODEL},
+    "cifar10": {"data.augment": True, "data.crop_padding": 4, "data.flip": True, **CHOSEN_MODEL},
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(CHOSEN))
+def test_the_dataset_option_alone_gets_the_chosen_recipe(tmp_path, dataset):
+    cfg = compose_config(tmp_path, [f"data={dataset}"])
+    assert _recipe(cfg) == CHOSEN[dataset]
+    datamodule, model = instantiate(cfg.data, _convert_="all"), instantiate(cfg.model, _convert_="all")
+    transform = datamodule.transform  # what training does to a batch: crop padding, flips
+    assert (transform.padding, transform.flip) == {"fashion_mnist": (0, True), "cifar10": (4, True)}[dataset]
+    dropout = [m.p for m in model.net.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropout == [CHOSEN_MODEL["model.dropout"]] * 2  # placement "both": after each hidden layer
+    assert model.label_smoothing == CHOSEN_MODEL["model.label_smoothing"]
+
+
+@pytest.mark.parametrize("dataset", sorted(CHOSEN))
+def test_both_networks_train_with_the_same_recipe(tmp_path, dataset):
+    cnn, legacy = (compose_config(tmp_path, [f"data={dataset}", f"model={arch}"]) for arch in ("cnn", "legacy"))
+    differ = {key for key in OmegaConf.to_container(cnn.model) if cnn.model[key] != legacy.model[key]}
+    assert differ <= {"arch", "dropout"}  # the legacy net has no dropout layer: its dropout setting is unused
+    assert cnn.data == legacy.data and cnn.trainer == legacy.trainer
+    model = instantiate(legacy.model, _convert_="all")
+    assert model.label_smoothing == CHOSEN_MODEL["model.label_smoothing"]
+    assert not [m for m in model.net.modules() if isinstance(m, torch.nn.Dropout)]
