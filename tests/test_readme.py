@@ -98,10 +98,11 @@ def job_configs(tmp_path: Path, config_name: str, overrides: list[str]) -> Itera
     yield cfg
     parser = OverridesParser.create()
     for i, values in others.items():
-        key = first[i].split("=", 1)[0].lstrip("+~")
+        written = first[i].split("=", 1)[0]  # with its + or ~, which a group added to the defaults needs
+        key = written.lstrip("+~")
         for value in values:
             if (CONF / key).is_dir():
-                yield compose_config(tmp_path, [*first[:i], f"{key}={value}", *first[i + 1 :]], config_name)
+                yield compose_config(tmp_path, [*first[:i], f"{written}={value}", *first[i + 1 :]], config_name)
             else:
                 job = copy.deepcopy(cfg)
                 OmegaConf.update(job, key, parser.parse_override(f"{key}={value}").value(), merge=False)
