@@ -111,7 +111,10 @@ class ImageClassifier(L.LightningModule):
     def classification_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Mean training loss of a batch (cross-entropy, label-smoothed if set), and how many of its
         predictions are right (no gradient)."""
-        logits = self(x)
+        return self.training_loss(self(x), y)
+
+    def training_loss(self, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``classification_loss`` from logits computed elsewhere (a DDP wrapper's forward, in a benchmark)."""
         with torch.no_grad():
             correct = (logits.argmax(dim=1) == y).sum()
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), correct

@@ -49,7 +49,6 @@ from omegaconf import open_dict
 from torch.nn.parallel import DistributedDataParallel
 
 from cifar_pl.callbacks import Throughput
-from cifar_pl.classifier import ImageClassifier
 from cifar_pl.parameter_server.protocol import Message, MessageType
 from cifar_pl.parameter_server.worker import Worker, WorkerSettings, autocast_for, build_from_spec
 from cifar_pl.runtime import available_cores, configure_threads, quiet_third_party_noise, resolve_precision
@@ -136,9 +135,9 @@ def _ddp_compute(ddp: DistributedDataParallel, worker: Worker, epoch: int, micro
             x = datamodule.transform(images.to(device), idx.to(device), epoch, train=True)
             y = labels.to(device)
             with autocast_for(worker.precision, device):
-                # the classifier's own loss, called with the DDP wrapper as ``self``: its ``self(x)`` is then DDP's
-                # forward, which is what arms the gradient synchronisation
-                loss, hits = ImageClassifier.classification_loss(ddp, x, y)
+                # the classifier's own loss on logits from DDP's forward, which is what arms the gradient
+                # synchronisation
+                loss, hits = module.training_loss(ddp(x), y)
             (loss / len(micro_batches)).backward()
         # the statistics a worker reports, read per micro-batch as it reads them (unused here)
         samples += len(y)
