@@ -285,7 +285,7 @@ def malformed_frames(count: int, seed: int) -> list[bytes]:
         lambda: rng.choice([hello, grads])[: rng.randint(1, len(hello) - 1)],
         lambda: header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, wire.MessageType.HELLO, 0, rng.randint(2**31, 2**63)),
         lambda: header.pack(wire.MAGIC, rng.choice([0, 2, 9, 255]), wire.MessageType.HELLO, 0, 8) + bytes(8),
-        lambda: header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, rng.choice([0, 11, 99, 255]), 0, 8) + bytes(8),
+        lambda: header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, rng.choice([0, 13, 99, 255]), 0, 8) + bytes(8),
         lambda: (
             header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, wire.MessageType.HELLO, rng.randint(1, 65535), 8) + bytes(8)
         ),
