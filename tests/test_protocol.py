@@ -806,7 +806,7 @@ def test_handshake_frames_have_a_small_cap_of_their_own(offset: int) -> None:
 class SlowSender(socket.socket):
     """A socket that waits before every send: a peer that spends most of the timeout on each message."""
 
-    delay = 0.25
+    delay = 0.35
 
     def sendmsg(self, *args: Any, **kwargs: Any) -> int:
         time.sleep(self.delay)
@@ -814,8 +814,8 @@ class SlowSender(socket.socket):
 
 
 def test_the_whole_handshake_has_one_deadline() -> None:
-    """Three messages from the worker, each a little under the timeout apart: each read within its own
-    fresh deadline would admit it after 0.75 s; the handshake as a whole must end at 0.6 s."""
+    """The worker sends each of its messages 0.35 s late: each read within a fresh 0.6 s deadline of its
+    own would admit it; the handshake as a whole must end at 0.6 s."""
 
     def slow_worker(sock: socket.socket) -> dict:
         with SlowSender(fileno=os.dup(sock.fileno())) as slow:

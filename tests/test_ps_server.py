@@ -719,12 +719,21 @@ def slow_every(delay: float, value: float = 1.0) -> Answer:
 
 def test_late_strikes_count_rounds_not_overdue_shares(make_server):
     """Each round a new worker joins and hangs up on its share, which goes to the silent worker while
-    the others are busy: two overdue shares a round are one late round, not two, so the silent worker
-    is cut off after max_strikes rounds."""
+    the other one is still busy: two overdue shares a round are one late round, not two, so the silent
+    worker is cut off after max_strikes rounds."""
     server = make_server(round_timeout=0.5, max_strikes=3)
+
+    def busy_until_the_quitter_left(assign: Message, flat: FlatState) -> Message:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(
+            e["event"] == "reassigned" and f"quitter-{assign.meta['round'] - 1}" in e["worker"] for e in server.events
+        ):
+            time.sleep(0.01)
+        return answer_with(1.0)(assign, flat)
+
     silent = FakeWorker(server.address, lambda m, f: None, name="silent")
-    slow = FakeWorker(server.address, slow_every(0.25), name="slow")
-    join(server, silent, slow)
+    busy = FakeWorker(server.address, busy_until_the_quitter_left, name="busy")
+    join(server, silent, busy)
     for step in range(3):
         quitter = FakeWorker(server.address, lambda m, f: "close", name=f"quitter-{step}")
         quitter.start()
