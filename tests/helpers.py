@@ -204,6 +204,7 @@ _PROJECT_MARKERS = (
     b"evaluate.py",
     b"cifar_pl.parameter_server",
     b"multiprocessing.spawn",
+    b"multiprocessing.forkserver",
     b"experiments/benchmark.py",
 )
 
