@@ -583,6 +583,7 @@ def test_a_joined_worker_announcing_lengths_around_the_cap_gets_nothing_allocate
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+    print(f"traced peak while a joined worker announced {cap + offset} bytes: {peak / 1024:.0f} KiB")
     assert result.samples == 64 and peak < 4 * MIB, peak
     reason = "above the cap" if offset > 0 else "part of a message"
     assert any(e["event"] == "left" and "liar" in e["worker"] and reason in e["reason"] for e in server.events)
@@ -880,6 +881,7 @@ def test_a_worker_turned_away_again_and_again_backs_off_exponentially_with_jitte
         refuser.join(2)
     assert not worker.is_alive() and isinstance(outcome[0], ConnectionError), outcome
     gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    print(f"{len(attempts)} connections in 3 s, waits between them: {', '.join(f'{gap:.2f}' for gap in gaps)} s")
     assert 4 <= len(attempts) <= 10, len(attempts)
     for n, gap in enumerate(gaps):  # each wait at least half its exponential ceiling
         assert gap >= min(1.0, 0.1 * 2**n) / 2 - 0.01, (n, gaps)

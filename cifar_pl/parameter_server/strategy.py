@@ -353,9 +353,9 @@ class ParameterServerStrategy(SingleDeviceStrategy):
                 error.position,
                 error.indices,
                 error.reasons,
-                f"This was round {plan.index} of epoch {plan.epoch}; last.ckpt is written as the run stops (with "
-                f"callbacks.last_checkpoint), so the run can go on from there with ckpt_path=<run directory>/"
-                f"checkpoints/last.ckpt and the changed setting.",
+                f"(Round {error.round} of the run is round {plan.index + 1} of epoch {plan.epoch}.) last.ckpt is "
+                f"written as the run stops (callbacks.last_checkpoint), so it can go on from there with "
+                f"ckpt_path=<run directory>/checkpoints/last.ckpt and the changed setting.",
             ) from None
         self.round_timings.append(result.timings)
         self._round_ended = time.perf_counter()
