@@ -284,17 +284,23 @@ def test_local_workers_that_keep_dying_before_joining_fail_the_run_at_once_with_
     workers.stop()
 
 
-def test_a_server_other_machines_can_reach_needs_a_secret(caplog):
-    with pytest.raises(ConfigurationError) as caught:
-        check_exposure("0.0.0.0:29400", None, allow_insecure=False)
-    message = str(caught.value)
-    assert "strategy.secret_file" in message and wire.SECRET_ENV in message and "allow_insecure=true" in message
-    with caplog.at_level(logging.WARNING, logger="cifar_pl.parameter_server.strategy"):
-        check_exposure("0.0.0.0:29400", None, allow_insecure=True)
-    assert "INSECURE" in caplog.text
-    for address in ("127.0.0.1:29400", "[::1]:29400", "localhost:29400"):
-        check_exposure(address, None, allow_insecure=False)
-    check_exposure("10.0.0.5:29400", b"a secret", allow_insecure=False)
+def test_a_server_workers_can_join_from_elsewhere_needs_a_secret_even_on_loopback(caplog):
+    for address, reach in [
+        ("0.0.0.0:29400", "other machines can reach"),
+        ("127.0.0.1:29400", "every user of this machine can reach"),  # and whatever tunnels to it
+        ("[::1]:29400", "every user of this machine can reach"),
+    ]:
+        with pytest.raises(ConfigurationError) as caught:
+            check_exposure(address, None, allow_insecure=False)
+        message = str(caught.value)
+        assert reach in message and "strategy.secret_file" in message and wire.SECRET_ENV in message
+        assert "allow_insecure=true" in message
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cifar_pl.parameter_server.strategy"):
+            check_exposure(address, None, allow_insecure=True)
+        assert "INSECURE" in caplog.text and reach in caplog.text
+    for address in ("127.0.0.1:29400", "10.0.0.5:29400"):
+        check_exposure(address, b"a secret", allow_insecure=False)
 
 
 def test_role_server_on_an_open_address_without_a_secret_refuses_to_start(tmp_path, monkeypatch):
@@ -381,7 +387,8 @@ def _poisoned_worker(cfg, port: int) -> threading.Thread:
     datamodule.prepare_data()
     datamodule.setup("fit")
     # struck out after 3 rejections (strategy.max_strikes), it comes back, as a real worker does
-    settings = WorkerSettings(address=f"127.0.0.1:{port}", name="poisoned", reconnect_timeout=30)
+    secret = wire.load_secret(cfg.strategy.secret_file)
+    settings = WorkerSettings(address=f"127.0.0.1:{port}", name="poisoned", secret=secret, reconnect_timeout=30)
     thread = threading.Thread(target=PoisonedWorker(model, datamodule, "32-true", settings).run, daemon=True)
     thread.start()
     return thread
@@ -389,8 +396,10 @@ def _poisoned_worker(cfg, port: int) -> threading.Thread:
 
 def test_a_micro_batch_no_worker_can_compute_stops_the_run_and_the_skip_policy_goes_on_from_last_ckpt(tmp_path):
     port = free_port()
+    (tmp_path / "secret").write_text("shared with the poisoned worker")
     common = [
         *PS_TINY,
+        f"strategy.secret_file={tmp_path / 'secret'}",
         "trainer.max_epochs=2",
         "trainer.precision=32-true",
         "test_after_fit=false",

@@ -830,6 +830,28 @@ def test_the_whole_handshake_has_one_deadline() -> None:
     assert time.monotonic() - start < 1.5
 
 
+def test_a_frame_begun_just_before_the_handshakes_deadline_does_not_extend_it() -> None:
+    """A peer that starts a frame just before the deadline, then sends nothing more: the frame's own
+    timeout must not start afresh there (it stretched a 1 s handshake to about 2 s)."""
+    ended: dict[str, float] = {}
+
+    def server_side(sock: socket.socket) -> None:
+        try:
+            server_handshake(sock, b"k", 1.0, MIB, lambda hello: None, dict(WELCOME))
+        finally:
+            ended["server"] = time.monotonic()
+
+    def late_starter(sock: socket.socket) -> None:
+        time.sleep(0.85)
+        sock.sendall(HEADER.pack(MAGIC, PROTOCOL_VERSION, MessageType.HELLO, 0, 100)[:5])
+        sock.recv(1)  # returns when the server gives up and closes
+
+    start = time.monotonic()
+    results = run_pair(server_side, late_starter)
+    assert isinstance(results["server"], ReadTimeout) and "did not finish within 1 s" in str(results["server"])
+    assert ended["server"] - start < 1.4, ended["server"] - start
+
+
 def test_a_worker_says_nothing_about_itself_before_the_server_proves_the_secret() -> None:
     """HELLO holds only the protocol and a nonce; a server that cannot prove the secret (here: one without
     it) never gets the worker's model, data, host name or pid."""

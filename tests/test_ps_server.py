@@ -516,19 +516,25 @@ def test_a_worker_with_another_model_is_refused_with_the_reason(make_server):
     assert "signature mismatch" in str(other.failure) and "0.weight" in str(other.failure)
 
 
-def test_unauthenticated_connections_are_capped(make_server):
-    server = make_server(max_pending=2, handshake_timeout=1.0)
+def test_connections_that_hold_every_handshake_slot_cannot_keep_a_real_worker_out(make_server):
+    """max_pending connections that say nothing hold every handshake slot for up to handshake_timeout; a
+    newcomer cuts off the oldest instead of being turned away, so a real worker still joins at once."""
+    server = make_server(max_pending=2, handshake_timeout=30.0)
     idle = [socket.create_connection(server.address, timeout=5) for _ in range(4)]
     try:
-        time.sleep(0.3)
-        refused = [e for e in server.recent_refusals if e["event"] == "refused"]
-        assert server.refusals["refused"] == len(refused) == 2 and "handshake" in refused[0]["detail"]
+        for sock in idle[:2]:  # the two oldest were cut off for the two newer ones: the server hung up
+            assert sock.recv(1) == b""
+        cut_off = [e for e in server.recent_refusals if e["event"] == "refused"]
+        assert server.refusals["refused"] == len(cut_off) == 2 and "cut off" in cut_off[0]["detail"]
+        assert server.refusals["rejected"] == 0  # the cut-off ones are not counted twice
+        started = time.monotonic()
+        worker = FakeWorker(server.address, answer_with(1.0))
+        join(server, worker)  # while two idle connections still hold both slots
+        assert time.monotonic() - started < 5  # long before any idle handshake's 30 s timeout
+        assert server.run_round(0, micro_batches(2), version=0).samples == 16
     finally:
         for sock in idle:
             sock.close()
-    time.sleep(1.2)  # the two admitted ones time out; the server has room again
-    worker = FakeWorker(server.address, answer_with(1.0))
-    join(server, worker)
 
 
 # --- hardening (issue 11): memory, liveness and what a worker may claim ------------------------------------

@@ -165,8 +165,10 @@ def test_a_signal_stops_at_a_consistent_point_and_the_resumed_run_reports_an_uni
 
 def test_a_parameter_server_killed_mid_epoch_resumes_and_uses_every_sample_once(tmp_path):
     port = free_port()
+    (tmp_path / "secret").write_text("the server and its workers share this")
     common = [
         *RUN,
+        f"strategy.secret_file={tmp_path / 'secret'}",
         "data.options.train_size=1152",
         "trainer.max_epochs=3",
         "strategy=parameter_server",

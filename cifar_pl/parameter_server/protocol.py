@@ -433,22 +433,26 @@ class FrameReader:
         self._buffer, self._view = buffer, memoryview(buffer)
         self._start, self._end = 0, have
 
-    def recv(self, sock: socket.socket, timeout: float, idle_timeout: float | None = None) -> Message:
+    def recv(
+        self, sock: socket.socket, timeout: float, idle_timeout: float | None = None, deadline: float | None = None
+    ) -> Message:
         """Block for the next message on a blocking socket: wait up to ``idle_timeout`` (default
         ``timeout``) for its first byte, then the rest must arrive within ``timeout`` seconds, so a peer
-        that stalls mid-frame is cut off."""
+        that stalls mid-frame is cut off. ``deadline`` (``time.monotonic()``) bounds it all, whatever the
+        timeouts allow: a handshake's messages share one."""
         wait = timeout if idle_timeout is None else idle_timeout
         idle_deadline = time.monotonic() + wait
+        last = math.inf if deadline is None else deadline
         previous = sock.gettimeout()
         try:
             while (message := self.pop()) is None:
                 if self.partial:
                     assert self.started is not None
                     late = f"the peer sent part of a message, then nothing for {timeout:g} s ({self.missing()})"
-                    _set_deadline(sock, self.started + timeout, ReadTimeout, late)
+                    _set_deadline(sock, min(self.started + timeout, last), ReadTimeout, late)
                 else:
                     late = f"no message arrived within {wait:g} s"
-                    _set_deadline(sock, idle_deadline, ReadTimeout, late)
+                    _set_deadline(sock, min(idle_deadline, last), ReadTimeout, late)
                 try:
                     self.read(sock)
                 except TimeoutError:
@@ -504,9 +508,15 @@ class FrameWriter:
         return views
 
 
-def recv_message(sock: socket.socket, max_frame: int, timeout: float, idle_timeout: float | None = None) -> Message:
+def recv_message(
+    sock: socket.socket,
+    max_frame: int,
+    timeout: float,
+    idle_timeout: float | None = None,
+    deadline: float | None = None,
+) -> Message:
     """Read exactly one frame (nothing past it) into a buffer of its own: see ``FrameReader.recv``."""
-    return FrameReader(max_frame, capacity=HEADER.size, greedy=False).recv(sock, timeout, idle_timeout)
+    return FrameReader(max_frame, capacity=HEADER.size, greedy=False).recv(sock, timeout, idle_timeout, deadline)
 
 
 def load_secret(secret_file: str | None = None, env: Mapping[str, str] = os.environ) -> bytes | None:
@@ -580,7 +590,7 @@ class _Deadline:
 
     def recv(self, sock: socket.socket, max_frame: int) -> Message:
         try:
-            return recv_message(sock, max_frame, self.left())
+            return recv_message(sock, max_frame, self.left(), deadline=self.at)
         except ReadTimeout:
             raise ReadTimeout(f"the handshake did not finish within {self.timeout:g} s") from None
 

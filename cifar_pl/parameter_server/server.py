@@ -2,7 +2,9 @@
 gradients into the central model.
 
 Threads: one accepts connections and runs each handshake in a short-lived thread of its own (at most
-``max_pending`` at once, each bounded by a timeout). Admitted workers' sockets are non-blocking and belong
+``max_pending`` at once, each bounded by a timeout; when all are taken, the oldest is cut off for the
+newcomer, so peers that open connections and say nothing cannot keep a real worker out). Admitted
+workers' sockets are non-blocking and belong
 to the caller's thread (the Lightning training loop) alone: it runs each round as one selector loop that
 sends to every worker at once, as far as each socket takes it, and reads every answer into that worker's
 reused buffer, with no thread handoffs or locks on the hot path.
@@ -204,8 +206,9 @@ class ParameterServer:
         self._joined = threading.Condition(self._lock)
         self._workers: dict[int, Connection] = {}
         self._ids = itertools.count(1)
+        self._handshake_keys = itertools.count()
         self._assignment_ids = itertools.count(1)
-        self._pending = threading.BoundedSemaphore(settings.max_pending)
+        self._handshaking: dict[int, tuple[socket.socket, str]] = {}  # in progress, oldest first: socket, peer
         self._stopping = threading.Event()
         self._params_cache: tuple[int, list[bytes | memoryview]] | None = None
         self._listener: socket.socket | None = None
@@ -286,16 +289,20 @@ class ParameterServer:
                 continue
             except OSError:
                 return  # listener closed
-            if not self._pending.acquire(blocking=False):
-                self._event(
-                    "refused", peer=f"{peer[0]}:{peer[1]}", detail="too many connections still in their handshake"
-                )
-                sock.close()
-                continue
-            thread = threading.Thread(target=self._admit, args=(sock, peer), name="ps-handshake", daemon=True)
+            key, evicted = next(self._handshake_keys), []
+            with self._lock:
+                while len(self._handshaking) >= self.settings.max_pending:
+                    # the oldest has had the longest to finish, and a real worker's handshake takes milliseconds
+                    evicted.append(self._handshaking.pop(next(iter(self._handshaking))))
+                self._handshaking[key] = (sock, f"{peer[0]}:{peer[1]}")
+            for old_sock, old_peer in evicted:
+                with suppress(OSError):
+                    old_sock.shutdown(socket.SHUT_RDWR)  # its thread's read ends at once, and it cleans up
+                self._event("refused", peer=old_peer, detail="handshake cut off: a newer connection needed its slot")
+            thread = threading.Thread(target=self._admit, args=(key, sock, peer), name="ps-handshake", daemon=True)
             thread.start()
 
-    def _admit(self, sock: socket.socket, peer: tuple) -> None:
+    def _admit(self, key: int, sock: socket.socket, peer: tuple) -> None:
         peer_name = f"{peer[0]}:{peer[1]}"
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -309,11 +316,16 @@ class ParameterServer:
                 {"worker_id": worker_id},
             )
         except (wire.ProtocolError, OSError) as error:
-            self._event("rejected", peer=peer_name, detail=str(error))
+            with self._lock:
+                cut_off = self._handshaking.pop(key, None) is None  # the accept loop logged why
+            if not cut_off:
+                self._event("rejected", peer=peer_name, detail=str(error))
             sock.close()
             return
-        finally:
-            self._pending.release()
+        with self._lock:
+            if self._handshaking.pop(key, None) is None:  # cut off just as it finished: its socket is shut
+                sock.close()
+                return
         label = peer_text(joined.get("name")) or peer_name.rpartition(":")[0]
         name = f"worker-{worker_id} {label} ({peer_name})"
         sock.setblocking(False)

@@ -12,6 +12,7 @@ planned worker count, so the learning-rate schedule is the same however many wor
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
 import math
@@ -162,27 +163,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+ROUND_TIMINGS_KEPT = 10_000  # rounds whose timings the report's medians are taken over
+
+
 def check_exposure(address: str, secret: bytes | None, allow_insecure: bool) -> None:
-    """A server that other machines can reach must have a shared secret, unless told otherwise (then it
-    says loudly what that means)."""
+    """A server that workers started elsewhere can join must have a shared secret, unless told otherwise
+    (then it says loudly what that means). On 127.0.0.1 too: every user of the machine can reach that, and
+    a tunnel makes it reachable from other machines. (A local run makes its own secret.)"""
     host, port = parse_address(address)
-    if secret is not None or is_loopback(host):
+    if secret is not None:
         return
+    reach = "every user of this machine can reach" if is_loopback(host) else "other machines can reach"
     if not allow_insecure:
         raise ConfigurationError(
-            f"strategy.role=server would listen on {host}:{port}, which other machines can reach, without a "
-            f"shared secret: anyone who can connect could join as a worker, read the model's parameters every "
-            f"round and send it gradients of their choosing. Put a secret in a file only you can read and give "
+            f"strategy.role=server would listen on {host}:{port}, which {reach}, without a shared secret: "
+            f"anyone who can connect could join as a worker, read the model's parameters every round and send "
+            f"it gradients of their choosing. Put a secret in a file only you can read and give "
             f"strategy.secret_file=PATH to the server and every worker, or export {wire.SECRET_ENV}=<secret> "
-            f"in the environment of each; on a network you trust completely, strategy.allow_insecure=true "
-            f"starts it without one."
+            f"in the environment of each; where no one else can connect, strategy.allow_insecure=true starts "
+            f"it without one."
         )
     log.warning(
-        "INSECURE: strategy.allow_insecure=true: the parameter server listens on %s:%d without a shared secret. "
-        "Anyone who can reach that port can join as a worker, read the model's parameters every round and "
-        "inject gradients. Set strategy.secret_file or %s unless this network is yours alone.",
+        "INSECURE: strategy.allow_insecure=true: the parameter server listens on %s:%d, which %s, without a shared "
+        "secret. Anyone who can reach that port can join as a worker, read the model's parameters every round "
+        "and inject gradients. Set strategy.secret_file or %s unless no one else can connect.",
         host,
         port,
+        reach,
         wire.SECRET_ENV,
     )
 
@@ -258,7 +265,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self.micro_batches_per_worker = 1
         self.server: ParameterServer | None = None
         self.local_workers: LocalWorkers | None = None
-        self.round_timings: list[dict[str, float]] = []
+        # the latest rounds' timings, for the report's medians: bounded, however long the run
+        self.round_timings: collections.deque[dict[str, float]] = collections.deque(maxlen=ROUND_TIMINGS_KEPT)
         self._gradient: Tensor | None = None
         self._round_ended: float | None = None
         self._restored: dict[str, Any] | None = None  # the server's state from the checkpoint resumed from
@@ -500,8 +508,9 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             self._write_report(server, exits)
 
     def round_ms(self) -> dict[str, float]:
-        """Median milliseconds per round: sending parameters and assignments, waiting for the workers'
-        gradients (their compute and the transfer), averaging them, and the optimizer step between rounds."""
+        """Median milliseconds per round, over the latest ``ROUND_TIMINGS_KEPT`` rounds: sending parameters
+        and assignments, waiting for the workers' gradients (their compute and the transfer), averaging them,
+        and the optimizer step between rounds."""
         names = {"send": "send", "wait": "receive", "aggregate": "average", "step": "step", "total": "round"}
         return {
             label: round(statistics.median(t[key] for t in self.round_timings if key in t) * 1000, 3)
