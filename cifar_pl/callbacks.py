@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.connectors.data_connector import _set_sampler_epoch
 
 from cifar_pl.classifier import ends_optimizer_step
+from cifar_pl.errors import RaisedBetweenSteps
 from cifar_pl.trainer_state import epochs_processed
 
 
@@ -88,7 +89,7 @@ class Throughput(Callback):
         return self.steps / self.seconds if self.seconds else float("nan")
 
 
-class StopRequested(KeyboardInterrupt):
+class StopRequested(KeyboardInterrupt, RaisedBetweenSteps):
     """Raised by ``GracefulInterrupt`` where the training state is consistent: after an optimizer step (never
     inside an accumulation window), or after an epoch's validation and checkpoints. It is the one interruption
     ``RunCheckpoint`` saves ``last.ckpt`` for; Lightning treats it as Ctrl-C (status interrupted, exit 1)."""

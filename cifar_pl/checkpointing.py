@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from cifar_pl.callbacks import StopRequested
+from cifar_pl.errors import RaisedBetweenSteps
 from cifar_pl.files import copy_atomically, write_atomically
 from cifar_pl.trainer_state import process_rank
 
@@ -40,9 +40,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` with what resuming needs on top:
 
-    - ``save_on_exception`` saves only when ``GracefulInterrupt`` stopped training at a consistent point
-      (``StopRequested``). A crash, or a second Ctrl-C, can land inside an accumulation window or an optimizer
-      step; a checkpoint from there would resume differently, so the last consistent one is kept instead.
+    - ``save_on_exception`` saves only for an exception raised where the state is consistent
+      (``RaisedBetweenSteps``: ``GracefulInterrupt``'s ``StopRequested``, or the parameter server stopping on a
+      micro-batch no worker can compute, before its round). A crash, or a second Ctrl-C, can land inside an
+      accumulation window or an optimizer step; a checkpoint from there would resume differently, so the last
+      consistent one is kept instead.
     - ``every_n_train_steps`` skips an epoch's last step: Lightning resumes a checkpoint from there as a
       finished epoch and would skip its validation. The epoch-end checkpoint follows moments later.
     - Resumed into a new run directory (the default), the best checkpoints of the run being resumed are
@@ -51,7 +53,7 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, StopRequested):
+        if isinstance(exception, RaisedBetweenSteps):
             super().on_exception(trainer, pl_module, exception)
 
     def on_train_batch_end(

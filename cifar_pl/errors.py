@@ -14,3 +14,9 @@ class DatasetError(UserFacingError):
 
 class ConfigurationError(UserFacingError):
     """The configuration asks for something impossible (a bad path, mismatched sizes, ...)."""
+
+
+class RaisedBetweenSteps:
+    """Marks an exception raised only where the training state is exactly that after an optimizer step (no
+    accumulation window or step half done): ``RunCheckpoint`` saves ``last.ckpt`` for these, and only these,
+    because a run resumed from it goes on as if it had not stopped."""

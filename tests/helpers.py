@@ -314,9 +314,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def malformed_frames(count: int, seed: int) -> list[bytes]:
-    """A seeded corpus of frames a parameter server must refuse: garbage, mutated and truncated valid
-    frames, lying length prefixes, wrong versions and types, malformed JSON and tensor descriptors."""
+def boundary_frames(max_frame: int) -> list[bytes]:
+    """Frames whose lengths sit just below, at and just above every cap: the handshake's frame cap, the
+    round loop's (``max_frame``) and the JSON meta's, announced in a bare header (plus a few bytes) or sent
+    whole. None of them may make a worker, nor make the server allocate what is announced."""
+    from cifar_pl.parameter_server import protocol as wire
+
+    header, hello = wire.HEADER, wire.MessageType.HELLO
+    frames = []
+    for cap in (wire.HANDSHAKE_MAX_FRAME, max_frame):
+        for length in (cap - 1, cap, cap + 1):
+            for kind in (hello, wire.MessageType.GRADS):
+                frames.append(header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, kind, 0, length) + bytes(100))
+    for meta_length in (wire.MAX_META - 1, wire.MAX_META, wire.MAX_META + 1):  # whole frames
+        meta = b'{"protocol": %d, "nonce": "%s", "tensors": []}' % (wire.PROTOCOL_VERSION, b"00" * 32)
+        meta += b" " * (meta_length - len(meta))
+        body = meta_length.to_bytes(4, "big") + meta
+        frames.append(header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, hello, 0, len(body)) + body)
+    return frames
+
+
+def malformed_frames(count: int, seed: int, max_frame: int = 256 * 1024 * 1024) -> list[bytes]:
+    """A seeded corpus of frames a parameter server must refuse: ``boundary_frames(max_frame)`` first, then
+    garbage, mutated and truncated valid frames, lying length prefixes, wrong versions and types, malformed
+    JSON and tensor descriptors."""
     import random
 
     import torch
@@ -342,7 +363,7 @@ def malformed_frames(count: int, seed: int) -> list[bytes]:
         lambda: rng.choice([hello, grads])[: rng.randint(1, len(hello) - 1)],
         lambda: header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, wire.MessageType.HELLO, 0, rng.randint(2**31, 2**63)),
         lambda: header.pack(wire.MAGIC, rng.choice([0, 2, 9, 255]), wire.MessageType.HELLO, 0, 8) + bytes(8),
-        lambda: header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, rng.choice([0, 11, 99, 255]), 0, 8) + bytes(8),
+        lambda: header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, rng.choice([0, 13, 99, 255]), 0, 8) + bytes(8),
         lambda: (
             header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, wire.MessageType.HELLO, rng.randint(1, 65535), 8) + bytes(8)
         ),
@@ -356,7 +377,8 @@ def malformed_frames(count: int, seed: int) -> list[bytes]:
         ),
         lambda: (2**32 - 1).to_bytes(4, "big").join([header.pack(wire.MAGIC, wire.PROTOCOL_VERSION, 1, 0, 100), b""]),
     ]
-    return [rng.choice(makers)() for _ in range(count)]
+    boundaries = boundary_frames(max_frame)[:count]
+    return boundaries + [rng.choice(makers)() for _ in range(count - len(boundaries))]
 
 
 def fire_frames(host: str, port: int, count: int, seed: int) -> int:

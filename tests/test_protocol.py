@@ -3,9 +3,11 @@ truncated and stalled frames, the authenticated handshake, and model signatures.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import os
 import pickle
 import random
 import socket
@@ -19,9 +21,11 @@ from typing import Any
 import pytest
 import torch
 
+from cifar_pl.errors import ConfigurationError
 from cifar_pl.parameter_server.protocol import (
     ALLOWED_DTYPES,
     DEFAULT_MAX_FRAME,
+    HANDSHAKE_MAX_FRAME,
     HEADER,
     MAGIC,
     MAX_META,
@@ -194,7 +198,7 @@ MALFORMED = {
     "bad magic": raw_frame(magic=b"HTTP"),
     "nonzero flags": raw_frame(flags=1),
     "type 0": raw_frame(kind=0),
-    "type 11": raw_frame(kind=11),
+    "type 13": raw_frame(kind=13),
     "type 255": raw_frame(kind=255),
     "meta_len above MAX_META": raw_frame(meta_len=MAX_META + 1, data=b"\0" * (MAX_META + 10)),
     "meta_len beyond the payload": raw_frame(meta_len=1000),
@@ -254,11 +258,11 @@ def test_decode_refuses_a_payload_of_another_length_than_announced() -> None:
 
 def test_another_protocol_version_is_a_version_mismatch(pair) -> None:
     a, b = pair
-    a.sendall(raw_frame(version=2, kind=MessageType.HELLO))
+    a.sendall(raw_frame(version=1, kind=MessageType.HELLO))
     with pytest.raises(VersionMismatch) as caught:
         recv_message(b, DEFAULT_MAX_FRAME, TIMEOUT)
-    assert (caught.value.peer_version, caught.value.our_version) == (2, PROTOCOL_VERSION)
-    assert str(caught.value) == "peer speaks protocol 2, this side speaks 1"
+    assert (caught.value.peer_version, caught.value.our_version) == (1, PROTOCOL_VERSION)
+    assert str(caught.value) == "peer speaks protocol 1, this side speaks 2"
     assert str(pickle.loads(pickle.dumps(caught.value))) == str(caught.value)
 
 
@@ -429,6 +433,42 @@ def test_a_reader_checks_the_cap_and_says_what_is_missing(pair) -> None:
             FrameReader(DEFAULT_MAX_FRAME).recv(b2, timeout=0.2)
 
 
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_reader_grows_its_buffer_with_the_bytes_that_arrive_not_with_the_announced_length(pair, greedy) -> None:
+    """A header announcing the whole 256 MiB cap, then 100 kB: the buffer holds about what arrived."""
+    a, b = pair
+    b.setblocking(False)
+    a.sendall(HEADER.pack(MAGIC, PROTOCOL_VERSION, MessageType.GRADS, 0, DEFAULT_MAX_FRAME) + bytes(100_000))
+    time.sleep(0.05)
+    reader = FrameReader(DEFAULT_MAX_FRAME, capacity=HEADER.size if not greedy else 64 * 1024, greedy=greedy)
+    tracemalloc.start()
+    try:
+        while reader.read(b):
+            assert reader.pop() is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reader.partial and "of 268435456 bytes of the payload missing" in reader.missing()
+    assert reader.capacity <= 2 * (HEADER.size + 100_000) + FrameReader.MIN_GROWTH and peak < 2 * MIB, (
+        reader.capacity,
+        peak,
+    )
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1], ids=["just-below", "at", "just-above"])
+def test_frames_just_below_at_and_just_above_the_cap_are_read_read_and_refused(pair, offset: int) -> None:
+    a, b = pair
+    blob = frame_bytes(Message(MessageType.GRADS, {"x": 1}, [torch.arange(1000, dtype=torch.float32)]))
+    cap = len(blob) - HEADER.size - offset  # the frame is `offset` bytes above the cap
+    reader = FrameReader(cap, capacity=1024)
+    a.sendall(blob)
+    if offset > 0:
+        with pytest.raises(FrameTooLarge, match=f"above the cap of {cap} bytes"):
+            reader.recv(b, TIMEOUT)
+    else:
+        assert torch.equal(reader.recv(b, TIMEOUT).tensors[0], torch.arange(1000, dtype=torch.float32))
+
+
 def test_a_one_shot_read_leaves_the_next_frame_on_the_socket(pair) -> None:
     """The handshake reads with recv_message, then hands the socket to a FrameReader: nothing may be lost."""
     a, b = pair
@@ -563,7 +603,7 @@ def client(secret: bytes | None, hello: dict | None = None) -> Peer:
 def test_handshake_without_secrets_welcomes_the_worker() -> None:
     results = run_pair(server(None), client(None))
     assert results["client"] == WELCOME
-    assert results["server"]["host"] == "w1" and results["server"]["protocol"] == PROTOCOL_VERSION
+    assert results["server"] == {"host": "w1"}  # what the worker said about itself, in JOIN
 
 
 def test_handshake_with_the_same_secret_welcomes_the_worker() -> None:
@@ -638,14 +678,14 @@ def test_the_server_rejects_a_first_message_that_is_not_hello() -> None:
 
 
 def test_the_server_rejects_another_protocol_version_in_its_own_version() -> None:
-    def old_worker(sock: socket.socket) -> Message:
-        sock.sendall(raw_frame({"tensors": []}, version=2, kind=MessageType.HELLO))
+    def newer_worker(sock: socket.socket) -> Message:
+        sock.sendall(raw_frame({"tensors": []}, version=3, kind=MessageType.HELLO))
         return recv_message(sock, MIB, TIMEOUT)
 
-    results = run_pair(server(None), old_worker)
+    results = run_pair(server(None), newer_worker)
     assert isinstance(results["server"], VersionMismatch)
     assert results["client"].type is MessageType.REJECT
-    assert results["client"].meta["reason"] == "peer speaks protocol 2, this side speaks 1"
+    assert results["client"].meta["reason"] == "peer speaks protocol 3, this side speaks 2"
 
 
 @pytest.mark.parametrize("nonce", ["zz" * 32, "ab" * 31, 42, None])
@@ -680,22 +720,28 @@ def test_the_server_proves_it_knows_the_secret() -> None:
         server_nonce = bytes.fromhex(recv_message(sock, MIB, TIMEOUT).meta["nonce"])
         mac = auth_tag(secret, "worker", server_nonce, client_nonce)
         send_message(sock, Message(MessageType.AUTH, {"mac": mac.hex()}), TIMEOUT)
-        welcome = recv_message(sock, MIB, TIMEOUT)
-        return welcome.meta["mac"] == auth_tag(secret, "server", client_nonce, server_nonce).hex()
+        ready = recv_message(sock, MIB, TIMEOUT)
+        return ready.type is MessageType.READY and (
+            ready.meta["mac"] == auth_tag(secret, "server", client_nonce, server_nonce).hex()
+        )
 
     assert run_pair(server(secret), careful_worker)["client"] is True
 
 
 def fake_server(answer: Callable[[bytes, dict], dict], challenge: str | None = None) -> Peer:
-    """Reads HELLO, sends CHALLENGE (a fresh nonce unless given), reads AUTH, then WELCOMEs with
-    ``answer(server_nonce, auth_meta)``."""
+    """Reads HELLO, sends CHALLENGE (a fresh nonce unless given), reads AUTH, then says READY with
+    ``answer(server_nonce, auth_meta)``; returns the next message, if any comes (it must not)."""
 
-    def serve(sock: socket.socket) -> None:
+    def serve(sock: socket.socket) -> Message | None:
         recv_message(sock, MIB, TIMEOUT)
         nonce = new_nonce()
         send_message(sock, Message(MessageType.CHALLENGE, {"nonce": challenge or nonce.hex()}), TIMEOUT)
         auth = recv_message(sock, MIB, TIMEOUT)
-        send_message(sock, Message(MessageType.WELCOME, answer(nonce, auth.meta)), TIMEOUT)
+        send_message(sock, Message(MessageType.READY, answer(nonce, auth.meta)), TIMEOUT)
+        try:
+            return recv_message(sock, MIB, TIMEOUT)
+        except PeerClosed:
+            return None
 
     return serve
 
@@ -719,6 +765,111 @@ def test_the_worker_refuses_a_server_that_cannot_prove_the_secret(answer: Callab
 def test_the_worker_refuses_a_malformed_challenge() -> None:
     results = run_pair(fake_server(lambda nonce, auth: {}, challenge="zz" * 32), client(b"k"))
     assert isinstance(results["client"], BadFrame)
+
+
+def sized_hello(payload: int) -> bytes:
+    """A valid HELLO whose payload is exactly ``payload`` bytes: JSON padded with trailing spaces."""
+    meta = json.dumps({"protocol": PROTOCOL_VERSION, "nonce": new_nonce().hex(), "tensors": []}).encode()
+    meta += b" " * (payload - 4 - len(meta))
+    return (
+        HEADER.pack(MAGIC, PROTOCOL_VERSION, MessageType.HELLO, 0, 4 + len(meta)) + struct.pack(">I", len(meta)) + meta
+    )
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1], ids=["just-below", "at", "just-above"])
+def test_handshake_frames_have_a_small_cap_of_their_own(offset: int) -> None:
+    """The largest legal HELLO (64 KiB of JSON) passes, one byte more is refused, whatever the round
+    loop's cap; a header announcing more is refused before its payload is waited for."""
+
+    def hello_of_size(sock: socket.socket) -> Message | None:
+        sock.sendall(sized_hello(HANDSHAKE_MAX_FRAME + offset) if offset <= 0 else b"")
+        if offset > 0:  # more than 4 + MAX_META cannot be valid JSON meta: announce it, send nothing
+            sock.sendall(HEADER.pack(MAGIC, PROTOCOL_VERSION, MessageType.HELLO, 0, HANDSHAKE_MAX_FRAME + offset))
+        try:
+            return recv_message(sock, MIB, TIMEOUT)
+        except PeerClosed:
+            return None
+
+    assert HANDSHAKE_MAX_FRAME == 4 + MAX_META
+    start = time.monotonic()
+    results = run_pair(
+        lambda sock: server_handshake(sock, None, TIMEOUT, DEFAULT_MAX_FRAME, lambda h: None, {}), hello_of_size
+    )
+    if offset <= 0:
+        assert results["client"].type is MessageType.READY  # the HELLO was read whole and accepted
+    else:
+        assert isinstance(results["server"], FrameTooLarge) and f"cap of {HANDSHAKE_MAX_FRAME}" in str(
+            results["server"]
+        )
+        assert time.monotonic() - start < TIMEOUT / 2  # refused on the header alone
+
+
+class SlowSender(socket.socket):
+    """A socket that waits before every send: a peer that spends most of the timeout on each message."""
+
+    delay = 0.35
+
+    def sendmsg(self, *args: Any, **kwargs: Any) -> int:
+        time.sleep(self.delay)
+        return super().sendmsg(*args, **kwargs)
+
+
+def test_the_whole_handshake_has_one_deadline() -> None:
+    """The worker sends each of its messages 0.35 s late: each read within a fresh 0.6 s deadline of its
+    own would admit it; the handshake as a whole must end at 0.6 s."""
+
+    def slow_worker(sock: socket.socket) -> dict:
+        with SlowSender(fileno=os.dup(sock.fileno())) as slow:
+            return client_handshake(slow, {"host": "w1"}, b"k", TIMEOUT)
+
+    start = time.monotonic()
+    results = run_pair(server(b"k", timeout=0.6), slow_worker)
+    assert isinstance(results["server"], ReadTimeout), results
+    assert "did not finish within 0.6 s" in str(results["server"])
+    assert isinstance(results["client"], ProtocolError)
+    assert time.monotonic() - start < 1.5
+
+
+def test_a_frame_begun_just_before_the_handshakes_deadline_does_not_extend_it() -> None:
+    """A peer that starts a frame just before the deadline, then sends nothing more: the frame's own
+    timeout must not start afresh there (it stretched a 1 s handshake to about 2 s)."""
+    ended: dict[str, float] = {}
+
+    def server_side(sock: socket.socket) -> None:
+        try:
+            server_handshake(sock, b"k", 1.0, MIB, lambda hello: None, dict(WELCOME))
+        finally:
+            ended["server"] = time.monotonic()
+
+    def late_starter(sock: socket.socket) -> None:
+        time.sleep(0.85)
+        sock.sendall(HEADER.pack(MAGIC, PROTOCOL_VERSION, MessageType.HELLO, 0, 100)[:5])
+        sock.recv(1)  # returns when the server gives up and closes
+
+    start = time.monotonic()
+    results = run_pair(server_side, late_starter)
+    assert isinstance(results["server"], ReadTimeout) and "did not finish within 1 s" in str(results["server"])
+    assert ended["server"] - start < 1.4, ended["server"] - start
+
+
+def test_a_worker_says_nothing_about_itself_before_the_server_proves_the_secret() -> None:
+    """HELLO holds only the protocol and a nonce; a server that cannot prove the secret (here: one without
+    it) never gets the worker's model, data, host name or pid."""
+    seen: list[Message] = []
+
+    def server_without_secret(sock: socket.socket) -> None:
+        seen.append(recv_message(sock, MIB, TIMEOUT))
+        send_message(sock, Message(MessageType.READY, {}), TIMEOUT)
+        with contextlib.suppress(PeerClosed):
+            seen.append(recv_message(sock, MIB, TIMEOUT))
+
+    details = {"host": "secret-host", "pid": 4242, "signature": [["w", [2], "float32"]], "data": {"labels": "ab"}}
+    results = run_pair(server_without_secret, client(b"k", details))
+    assert isinstance(results["client"], AuthenticationError)
+    assert [m.type for m in seen] == [MessageType.HELLO]
+    assert set(seen[0].meta) == {"protocol", "nonce"}
+    results = run_pair(fake_server(lambda nonce, auth: {"mac": "00" * 32}), client(b"k", details))
+    assert isinstance(results["client"], AuthenticationError) and results["server"] is None  # no JOIN followed
 
 
 def make_net() -> torch.nn.Module:
@@ -791,12 +942,15 @@ def test_load_secret_from_env_file_or_nowhere(tmp_path) -> None:
     path.write_text("  from-file\n")
     assert load_secret(str(path), env={"CIFAR_PL_PS_SECRET": "ignored"}) == b"from-file"
     path.write_text(" \n")
-    with pytest.raises(ValueError, match="empty secret"):
+    with pytest.raises(ConfigurationError, match="is empty"):
         load_secret(str(path), env={})
-    with pytest.raises(ValueError, match="empty secret"):
+    with pytest.raises(ConfigurationError, match="is empty"):
         load_secret(env={"CIFAR_PL_PS_SECRET": ""})
-    with pytest.raises(FileNotFoundError, match="nope"):
+    # every way a file cannot be read is the user's error to fix, not a traceback
+    with pytest.raises(ConfigurationError, match=r"nope \(No such file"):
         load_secret(str(tmp_path / "nope"), env={})
+    with pytest.raises(ConfigurationError, match=r"Is a directory"):
+        load_secret(str(tmp_path), env={})
 
 
 def test_auth_tags_are_hmac_sha256_bound_to_role_and_nonces() -> None:

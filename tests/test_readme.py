@@ -196,3 +196,11 @@ def test_help_says_how_to_see_a_groups_settings(tmp_path):
     assert "python train.py strategy=parameter_server --help" in result.stdout
     assert "--cfg job --package strategy" in result.stdout
     assert "strategy: ddp, parameter_server, single" in result.stdout
+
+
+def test_evaluate_help_offers_only_what_evaluate_reads(tmp_path):
+    result = run_script("evaluate.py", ["--help"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    offered = result.stdout.split("data=", 1)[1].split(" ", 1)[0].split("|")
+    assert sorted(offered) == sorted(p.stem for p in (CONF / "data").glob("*.yaml"))  # every dataset, no other
+    assert "strategy: ddp" not in result.stdout and "model: cnn" not in result.stdout

@@ -212,3 +212,21 @@ def test_the_parameter_servers_frame_timeout_and_max_strikes_are_settings(tmp_pa
     check_train_config(cfg)
     strategy = instantiate(cfg.strategy, _convert_="all")
     assert (strategy.settings.frame_timeout, strategy.settings.max_strikes) == (0.5, 5)
+
+
+@pytest.mark.parametrize("problem", ["a folder", "empty"])
+def test_a_secret_file_that_cannot_give_a_secret_is_one_paragraph(tmp_path, problem):
+    secret = tmp_path / "secret"
+    if problem == "a folder":
+        secret.mkdir()
+    else:
+        secret.write_text("\n")
+    cfg = compose_config(tmp_path, [*PS, "data=synthetic", f"strategy.secret_file={secret}"])
+    with pytest.raises(ConfigurationError) as caught:
+        train(cfg)
+    message = str(caught.value)
+    assert str(secret) in message
+    assert ("strategy.secret_file" if problem == "a folder" else "is empty") in message
+    assert "\n" not in message
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "failed" and message in record["error"]

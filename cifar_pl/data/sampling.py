@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
+from cifar_pl.errors import ConfigurationError
+
 
 class EpochBatches(DistributedSampler):
     """Yields int64 tensors of sample indices, one per batch; ``set_epoch`` picks the permutation.
@@ -87,4 +89,11 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         if not isinstance(self.sampler, EpochBatches):
             raise TypeError(f"a ResumableLoader needs an EpochBatches sampler, got {type(self.sampler).__name__}")
+        if "batches_done" not in state_dict:  # the parameter server's rounds, saved mid-epoch
+            raise ConfigurationError(
+                f"the checkpoint was written in the middle of epoch {state_dict.get('epoch')} by a parameter-server "
+                f"run, which deals an epoch's samples in another order than this strategy takes them: going on "
+                f"from there would use some samples twice and others not at all. Resume it with "
+                f"strategy=parameter_server, or from a checkpoint written at the end of an epoch (last.ckpt)."
+            )
         self.sampler.resume_at(int(state_dict["epoch"]), int(state_dict["batches_done"]))

@@ -1,5 +1,6 @@
 """Which training samples each epoch has used: the evidence that reassignment after a worker failure
-neither drops nor repeats a sample."""
+neither drops nor repeats a sample, and the record of any sample left out under
+``rejection_policy="skip"``."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+SKIPPED_LISTED = 1000  # skipped sample indices listed per epoch in the report; all are counted
+
 
 @dataclass
 class EpochUsage:
     counts: Tensor  # per sample: how many accepted gradients included it this epoch
     reassigned: int = 0  # samples whose micro-batch was handed to another worker
     rounds: int = 0
+    skipped: Tensor | None = None  # per sample: whether its micro-batch was left out (rejected every time)
 
     def report(self, epoch: int) -> dict[str, Any]:
         counts = self.counts
+        skipped = torch.zeros(0, dtype=torch.int64) if self.skipped is None else self.skipped.nonzero().flatten()
         return {
             "epoch": epoch,
             "samples": int(counts.numel()),
@@ -27,6 +32,8 @@ class EpochUsage:
             "every_sample_exactly_once": bool((counts == 1).all()),
             "reassigned_samples": self.reassigned,
             "rounds": self.rounds,
+            "skipped_samples": int(skipped.numel()),
+            "skipped_indices": skipped[:SKIPPED_LISTED].tolist(),
         }
 
 
@@ -48,6 +55,12 @@ class SampleAccounting:
     def reassigned(self, epoch: int, count: int) -> None:
         self._epoch(epoch).reassigned += count
 
+    def skipped(self, epoch: int, indices: Tensor) -> None:
+        usage = self._epoch(epoch)
+        if usage.skipped is None:
+            usage.skipped = torch.zeros(self.num_samples, dtype=torch.bool)
+        usage.skipped[indices.to(torch.int64)] = True
+
     def round_done(self, epoch: int) -> None:
         self._epoch(epoch).rounds += 1
 
@@ -58,7 +71,12 @@ class SampleAccounting:
         return {
             "num_samples": self.num_samples,
             "epochs": {
-                e: {"counts": u.counts.clone(), "reassigned": u.reassigned, "rounds": u.rounds}
+                e: {
+                    "counts": u.counts.clone(),
+                    "reassigned": u.reassigned,
+                    "rounds": u.rounds,
+                    **({"skipped": u.skipped.clone()} if u.skipped is not None else {}),
+                }
                 for e, u in self.epochs.items()
             },
         }
@@ -66,6 +84,11 @@ class SampleAccounting:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_samples = int(state["num_samples"])
         self.epochs = {
-            int(e): EpochUsage(u["counts"].clone(), int(u["reassigned"]), int(u["rounds"]))
+            int(e): EpochUsage(
+                u["counts"].clone(),
+                int(u["reassigned"]),
+                int(u["rounds"]),
+                u["skipped"].clone() if "skipped" in u else None,
+            )
             for e, u in state["epochs"].items()
         }

@@ -8,10 +8,18 @@ order, C-contiguous, in little-endian byte order.
 
 Security rules: nothing read from a socket is unpickled, ``torch.load``-ed or evaluated; only JSON and
 raw bytes of a few plain dtypes are accepted. The payload length is checked against the caller's cap
-right after the header arrives, before anything is allocated, and every read and write has a deadline.
-Any ``ProtocolError`` leaves the stream at an unknown position: close the connection. The optional
-shared secret authenticates both ends (HMAC-SHA256 over fresh nonces, the secret never travels); it
-does not encrypt or protect the messages that follow, so run on a trusted network.
+right after the header arrives, and a receive buffer grows only as the payload's bytes actually arrive
+(never to an announced length), so a peer pays in real traffic for every byte it makes the receiver hold.
+Handshake frames carry no tensors and have a small cap of their own (``HANDSHAKE_MAX_FRAME``); the whole
+handshake has one deadline, and every other read and write has one too. Any ``ProtocolError`` leaves
+the stream at an unknown position: close the connection.
+
+The handshake (protocol 2) authenticates both ends before either says anything about itself:
+HELLO (worker: protocol, nonce) -> [CHALLENGE (server nonce) -> AUTH (worker's tag), with a secret] ->
+READY (the server's tag, with a secret) -> JOIN (worker: model signature, data fingerprint, name, host,
+pid) -> WELCOME or REJECT. The shared secret authenticates both ends (HMAC-SHA256 over fresh nonces, the
+secret never travels); it does not encrypt or protect the messages that follow, so run on a trusted
+network.
 """
 
 from __future__ import annotations
@@ -34,14 +42,18 @@ from typing import Any
 
 import torch
 
+from cifar_pl.errors import ConfigurationError
+
 if sys.byteorder != "little":  # tensors travel in native order, which must be the wire's little-endian
     raise ImportError("the parameter-server protocol needs a little-endian machine")
 
-PROTOCOL_VERSION = 1
+# 2: mutual authentication before the worker describes itself (READY and JOIN), a divisor in ASSIGN
+PROTOCOL_VERSION = 2
 MAGIC = b"CFPS"
 HEADER = struct.Struct(">4sBBHQ")  # magic, protocol version, message type, flags (must be 0), payload length
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024  # bytes of payload; callers pass their own cap
 MAX_META = 64 * 1024  # bytes of JSON metadata inside a payload
+HANDSHAKE_MAX_FRAME = 4 + MAX_META  # handshake messages carry JSON and no tensors: the largest legal one
 MAX_TENSORS = 64
 MAX_DIMS = 8
 ALLOWED_DTYPES: dict[str, torch.dtype] = {
@@ -72,6 +84,8 @@ class MessageType(enum.IntEnum):
     GRADS = 8
     DONE = 9
     ERROR = 10
+    READY = 11  # server: the worker is authenticated (and here is the server's own proof); describe yourself
+    JOIN = 12  # worker: its model signature, data fingerprint, name, host and pid
 
 
 @dataclass
@@ -125,7 +139,7 @@ class SignatureMismatch(ProtocolError):
     """The worker's model differs from the server's (parameter names, shapes or dtypes)."""
 
 
-def _printable(text: str, limit: int = 300) -> str:
+def printable(text: str, limit: int = 300) -> str:
     """Peer-supplied text made safe for a log line: no control characters, bounded length."""
     clipped = "".join(c if c.isprintable() else "?" for c in text[:limit])
     return clipped + ("..." if len(text) > limit else "")
@@ -201,7 +215,7 @@ def _descriptors(meta: dict[str, Any]) -> list[tuple[torch.dtype, list[int]]]:
             raise BadFrame(f'tensor {index}: a descriptor is an object with exactly "dtype" and "shape"')
         dtype, shape = desc["dtype"], desc["shape"]
         if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
-            raise BadFrame(f"tensor {index}: dtype {_printable(repr(dtype), 40)} is not allowed")
+            raise BadFrame(f"tensor {index}: dtype {printable(repr(dtype), 40)} is not allowed")
         if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_dim(d) for d in shape):
             raise BadFrame(f"tensor {index}: shape must be a list of at most {MAX_DIMS} non-negative ints")
         if math.prod(max(d, 1) for d in shape) >= 2**62:
@@ -296,11 +310,18 @@ class FrameReader:
     same reader, so a caller that keeps them longer must copy them. Reusing the buffer spares the receiver
     a fresh zero-filled allocation per frame, a cost that adds up at hundreds of frames per second.
 
+    The buffer grows only when it is full and the frame in it is not complete, at most doubling: it never
+    holds more than about twice the bytes that have actually arrived, whatever length a header announces.
+    (Growing to an announced length at once let a peer that sent nothing but headers make the receiver
+    allocate and zero-fill the whole cap per connection.)
+
     Blocking use: ``recv``. Non-blocking use (a selector): ``read`` when the socket is readable, then
     ``pop`` until it returns None. ``greedy`` readers take whatever the socket has, several frames per
     call when they are there; the others never read past the current frame, so the socket can be handed
     on afterwards (the handshake's reads).
     """
+
+    MIN_GROWTH = 64 * 1024  # the smallest step a full buffer grows by
 
     def __init__(self, max_frame: int, capacity: int = 64 * 1024, greedy: bool = True) -> None:
         self.max_frame = max_frame
@@ -311,6 +332,11 @@ class FrameReader:
         self._end = 0  # how far the buffer is filled
         self._length: int | None = None  # the current frame's payload length, once its header is checked
         self.started: float | None = None  # when the incomplete frame's first byte arrived; None: none is
+
+    @property
+    def capacity(self) -> int:
+        """Bytes the receive buffer holds now."""
+        return len(self._buffer)
 
     @property
     def partial(self) -> bool:
@@ -330,6 +356,27 @@ class FrameReader:
             return f"{HEADER.size - have} of {HEADER.size} bytes of the header missing"
         return f"{HEADER.size + self._length - have} of {self._length} bytes of the payload missing"
 
+    def release(self) -> None:
+        """Let go of the receive buffer (for a connection that has ended); messages popped before keep
+        theirs alive as long as they are used."""
+        self._buffer = bytearray(HEADER.size)
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0
+        self._length, self.started = None, None
+
+    def _frame_size(self) -> int | None:
+        """Header plus payload bytes of the current frame, once its header has arrived (and passed the cap)."""
+        if self._length is None:
+            if self._end - self._start < HEADER.size:
+                return None
+            _, length = _parse_header(self._view[self._start : self._start + HEADER.size])
+            if length > self.max_frame:
+                raise FrameTooLarge(
+                    f"the peer announced a {length}-byte payload, above the cap of {self.max_frame} bytes"
+                )
+            self._length = length
+        return HEADER.size + self._length
+
     def read(self, sock: socket.socket) -> bool:
         """One ``recv`` into the buffer; False when a non-blocking socket had nothing. The tensors of
         messages popped before are no longer valid after this. Raises ``PeerClosed`` at EOF."""
@@ -338,10 +385,14 @@ class FrameReader:
             # through a copy: bytearray slice assignment memcpy()s, and the two ranges may overlap
             self._buffer[:left] = bytes(self._view[self._start : self._end])
             self._start, self._end = 0, left
-        if self.greedy:
-            want = len(self._buffer) - self._end
-        else:
-            want = (HEADER.size if self._length is None else HEADER.size + self._length) - self._end
+        size = self._frame_size()
+        if self._end == len(self._buffer):  # full: the frame in it is incomplete (complete ones are popped)
+            if size is None or size <= self._end:
+                return True  # a complete frame waits to be popped: nothing to read until it is
+            self._grow(min(size, len(self._buffer) + max(len(self._buffer), self.MIN_GROWTH)))
+        want = len(self._buffer) - self._end
+        if not self.greedy:
+            want = min(want, (HEADER.size if size is None else size) - self._end)
         try:
             count = sock.recv_into(self._view[self._end : self._end + want])
         except BlockingIOError:
@@ -360,20 +411,8 @@ class FrameReader:
 
     def pop(self) -> Message | None:
         """The next complete frame in the buffer, decoded and checked, or None if it has not all arrived."""
-        have = self._end - self._start
-        if self._length is None:
-            if have < HEADER.size:
-                return None
-            _, length = _parse_header(self._view[self._start : self._start + HEADER.size])
-            if length > self.max_frame:
-                raise FrameTooLarge(
-                    f"the peer announced a {length}-byte payload, above the cap of {self.max_frame} bytes"
-                )
-            self._length = length
-        size = HEADER.size + self._length
-        if size > len(self._buffer) - self._start:
-            self._grow(size)
-        if have < size:
+        size = self._frame_size()
+        if size is None or self._end - self._start < size:
             return None
         body = self._start + HEADER.size
         message = decode(self._view[self._start : body], self._view[body : self._start + size])
@@ -387,29 +426,33 @@ class FrameReader:
         return message
 
     def _grow(self, size: int) -> None:
-        """A new buffer big enough for a ``size``-byte frame; the old one lives on in its views, if any."""
+        """A new buffer of ``size`` bytes holding the unread ones; the old one lives on in its views, if any."""
         have = self._end - self._start
-        buffer = bytearray(max(size, len(self._buffer)))
+        buffer = bytearray(size)
         buffer[:have] = self._view[self._start : self._end]
         self._buffer, self._view = buffer, memoryview(buffer)
         self._start, self._end = 0, have
 
-    def recv(self, sock: socket.socket, timeout: float, idle_timeout: float | None = None) -> Message:
+    def recv(
+        self, sock: socket.socket, timeout: float, idle_timeout: float | None = None, deadline: float | None = None
+    ) -> Message:
         """Block for the next message on a blocking socket: wait up to ``idle_timeout`` (default
         ``timeout``) for its first byte, then the rest must arrive within ``timeout`` seconds, so a peer
-        that stalls mid-frame is cut off."""
+        that stalls mid-frame is cut off. ``deadline`` (``time.monotonic()``) bounds it all, whatever the
+        timeouts allow: a handshake's messages share one."""
         wait = timeout if idle_timeout is None else idle_timeout
         idle_deadline = time.monotonic() + wait
+        last = math.inf if deadline is None else deadline
         previous = sock.gettimeout()
         try:
             while (message := self.pop()) is None:
                 if self.partial:
                     assert self.started is not None
-                    late = f"the peer sent part of a message, then nothing for {timeout} s ({self.missing()})"
-                    _set_deadline(sock, self.started + timeout, ReadTimeout, late)
+                    late = f"the peer sent part of a message, then nothing for {timeout:g} s ({self.missing()})"
+                    _set_deadline(sock, min(self.started + timeout, last), ReadTimeout, late)
                 else:
-                    late = f"no message arrived within {wait} s"
-                    _set_deadline(sock, idle_deadline, ReadTimeout, late)
+                    late = f"no message arrived within {wait:g} s"
+                    _set_deadline(sock, min(idle_deadline, last), ReadTimeout, late)
                 try:
                     self.read(sock)
                 except TimeoutError:
@@ -465,9 +508,15 @@ class FrameWriter:
         return views
 
 
-def recv_message(sock: socket.socket, max_frame: int, timeout: float, idle_timeout: float | None = None) -> Message:
+def recv_message(
+    sock: socket.socket,
+    max_frame: int,
+    timeout: float,
+    idle_timeout: float | None = None,
+    deadline: float | None = None,
+) -> Message:
     """Read exactly one frame (nothing past it) into a buffer of its own: see ``FrameReader.recv``."""
-    return FrameReader(max_frame, capacity=HEADER.size, greedy=False).recv(sock, timeout, idle_timeout)
+    return FrameReader(max_frame, capacity=HEADER.size, greedy=False).recv(sock, timeout, idle_timeout, deadline)
 
 
 def load_secret(secret_file: str | None = None, env: Mapping[str, str] = os.environ) -> bytes | None:
@@ -478,8 +527,11 @@ def load_secret(secret_file: str | None = None, env: Mapping[str, str] = os.envi
             with open(secret_file, "rb") as handle:
                 secret = handle.read().strip()
         except OSError as error:
-            raise type(error)(
-                error.errno, f"cannot read the shared-secret file ({error.strerror})", secret_file
+            raise ConfigurationError(
+                f"Cannot read the parameter server's shared-secret file {secret_file} ({error.strerror}). "
+                "Point strategy.secret_file at a readable file that holds the secret (in a container: the "
+                "mounted secret must be readable by the user the process runs as), or leave it unset to use "
+                f"${SECRET_ENV}."
             ) from error
         where = f"file {secret_file}"
     elif SECRET_ENV in env:
@@ -487,7 +539,10 @@ def load_secret(secret_file: str | None = None, env: Mapping[str, str] = os.envi
     else:
         return None
     if not secret:
-        raise ValueError(f"empty secret in {where}: put the shared secret there, or leave it unset")
+        raise ConfigurationError(
+            f"The parameter server's shared secret in {where} is empty: put the shared secret there (the same on "
+            "the server and every worker), or leave it unset."
+        )
     return secret
 
 
@@ -512,11 +567,38 @@ def _hex_field(meta: dict[str, Any], key: str, size: int, error: type[ProtocolEr
     except ValueError:
         raw = b""
     if len(raw) != size:
-        raise error(f'"{key}" must be {size} bytes as hex, got {_printable(repr(value), 80)}')
+        raise error(f'"{key}" must be {size} bytes as hex, got {printable(repr(value), 80)}')
     return raw
 
 
-def _reject(sock: socket.socket, reason: str, timeout: float) -> None:
+REJECT_GRACE = 0.5  # seconds a refusal may take to send, even when the handshake's deadline has passed
+
+
+class _Deadline:
+    """One deadline for a whole handshake: each read and write gets what is left of it, so a peer that
+    spends nearly the whole timeout on every message cannot stretch the handshake to several timeouts."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.at = time.monotonic() + timeout
+
+    def left(self) -> float:
+        remaining = self.at - time.monotonic()
+        if remaining <= 0:
+            raise ReadTimeout(f"the handshake did not finish within {self.timeout:g} s")
+        return remaining
+
+    def recv(self, sock: socket.socket, max_frame: int) -> Message:
+        try:
+            return recv_message(sock, max_frame, self.left(), deadline=self.at)
+        except ReadTimeout:
+            raise ReadTimeout(f"the handshake did not finish within {self.timeout:g} s") from None
+
+    def send(self, sock: socket.socket, message: Message) -> None:
+        send_message(sock, message, self.left())
+
+
+def _reject(sock: socket.socket, reason: str, timeout: float = REJECT_GRACE) -> None:
     """Tell the peer why it is refused; best effort, since the caller raises its own error next."""
     with suppress(ProtocolError, OSError):
         send_message(sock, Message(MessageType.REJECT, {"reason": reason}), timeout)
@@ -524,33 +606,40 @@ def _reject(sock: socket.socket, reason: str, timeout: float) -> None:
 
 def _rejected(meta: dict[str, Any]) -> ProtocolError:
     reason = meta.get("reason")
-    reason = _printable(reason) if isinstance(reason, str) else "no reason given"
+    reason = printable(reason) if isinstance(reason, str) else "no reason given"
     text = f"the parameter server refused this worker: {reason}"
     if reason.startswith("authentication"):
         return AuthenticationError(text)
     return SignatureMismatch(text) if reason.startswith("signature") else ProtocolError(text)
 
 
-def client_handshake(sock: socket.socket, hello: dict, secret: bytes | None, timeout: float, max_frame: int) -> dict:
-    """The worker's side: HELLO, answer a CHALLENGE, then check that WELCOME proves the server knows the
-    secret too. A worker with a secret refuses a server without one. Returns WELCOME's meta."""
+def client_handshake(
+    sock: socket.socket,
+    hello: dict,
+    secret: bytes | None,
+    timeout: float,
+    max_frame: int = HANDSHAKE_MAX_FRAME,
+) -> dict:
+    """The worker's side, within ``timeout`` seconds in all: HELLO, answer a CHALLENGE, check that READY
+    proves the server knows the secret too, and only then JOIN with ``hello`` (model signature, data
+    fingerprint, name...), so nothing about this worker reaches a server that cannot prove the secret. A
+    worker with a secret refuses a server without one. Returns WELCOME's meta."""
+    deadline = _Deadline(timeout)
     client_nonce = new_nonce()
-    send_message(
-        sock, Message(MessageType.HELLO, {**hello, "protocol": PROTOCOL_VERSION, "nonce": client_nonce.hex()}), timeout
-    )
-    reply = recv_message(sock, max_frame, timeout)
+    deadline.send(sock, Message(MessageType.HELLO, {"protocol": PROTOCOL_VERSION, "nonce": client_nonce.hex()}))
+    reply = deadline.recv(sock, max_frame)
     server_nonce = None
     if reply.type is MessageType.CHALLENGE:
         if secret is None:
             raise AuthenticationError(f"the server requires a shared secret; set {SECRET_ENV} or strategy.secret_file")
         server_nonce = _hex_field(reply.meta, "nonce", NONCE_BYTES, BadFrame)
         mac = auth_tag(secret, "worker", server_nonce, client_nonce)
-        send_message(sock, Message(MessageType.AUTH, {"mac": mac.hex()}), timeout)
-        reply = recv_message(sock, max_frame, timeout)
+        deadline.send(sock, Message(MessageType.AUTH, {"mac": mac.hex()}))
+        reply = deadline.recv(sock, max_frame)
     if reply.type is MessageType.REJECT:
         raise _rejected(reply.meta)
-    if reply.type is not MessageType.WELCOME:
-        raise BadFrame(f"expected WELCOME from the server, got {reply.type.name}")
+    if reply.type is not MessageType.READY:
+        raise BadFrame(f"expected READY from the server, got {reply.type.name}")
     if secret is not None:
         if server_nonce is None:
             raise AuthenticationError(
@@ -559,15 +648,20 @@ def client_handshake(sock: socket.socket, hello: dict, secret: bytes | None, tim
         mac = _hex_field(reply.meta, "mac", hashlib.sha256().digest_size, AuthenticationError)
         if not check_tag(auth_tag(secret, "server", client_nonce, server_nonce), mac):
             raise AuthenticationError("the server could not prove it knows the shared secret")
-    reply.meta.pop("mac", None)
+    deadline.send(sock, Message(MessageType.JOIN, dict(hello)))
+    reply = deadline.recv(sock, max_frame)
+    if reply.type is MessageType.REJECT:
+        raise _rejected(reply.meta)
+    if reply.type is not MessageType.WELCOME:
+        raise BadFrame(f"expected WELCOME from the server, got {reply.type.name}")
     return reply.meta
 
 
-def _authenticate(sock: socket.socket, secret: bytes, client_nonce: bytes, timeout: float, max_frame: int) -> bytes:
-    """CHALLENGE the worker and check its AUTH; returns the server nonce for the WELCOME tag."""
+def _authenticate(sock: socket.socket, secret: bytes, client_nonce: bytes, deadline: _Deadline) -> bytes:
+    """CHALLENGE the worker and check its AUTH; returns the server nonce for the server's own tag."""
     server_nonce = new_nonce()
-    send_message(sock, Message(MessageType.CHALLENGE, {"nonce": server_nonce.hex()}), timeout)
-    reply = recv_message(sock, max_frame, timeout)
+    deadline.send(sock, Message(MessageType.CHALLENGE, {"nonce": server_nonce.hex()}))
+    reply = deadline.recv(sock, HANDSHAKE_MAX_FRAME)
     try:
         if reply.type is not MessageType.AUTH:
             raise AuthenticationError(f"expected AUTH, got {reply.type.name}")
@@ -575,7 +669,7 @@ def _authenticate(sock: socket.socket, secret: bytes, client_nonce: bytes, timeo
         if not check_tag(auth_tag(secret, "worker", server_nonce, client_nonce), mac):
             raise AuthenticationError("the worker's tag does not match: it does not know the shared secret")
     except AuthenticationError:
-        _reject(sock, "authentication failed", timeout)
+        _reject(sock, "authentication failed")
         raise
     return server_nonce
 
@@ -588,31 +682,40 @@ def server_handshake(
     check_hello: Callable[[dict], str | None],
     welcome: dict,
 ) -> dict:
-    """The server's side: read HELLO, authenticate the worker when there is a secret, let
-    ``check_hello`` veto it, then WELCOME it (with the server's own tag). Returns HELLO's meta."""
+    """The server's side, within ``timeout`` seconds in all, every frame capped at ``max_frame`` (at most
+    ``HANDSHAKE_MAX_FRAME``: no handshake message carries tensors): read HELLO, authenticate the worker
+    when there is a secret, send READY (with the server's own tag), read JOIN, let ``check_hello`` veto it,
+    then WELCOME it. Returns JOIN's meta."""
+    deadline = _Deadline(timeout)
+    cap = min(max_frame, HANDSHAKE_MAX_FRAME)
     try:
-        hello = recv_message(sock, max_frame, timeout)
+        hello = deadline.recv(sock, cap)
     except VersionMismatch as error:
-        _reject(sock, str(error), timeout)
+        _reject(sock, str(error))
         raise
     if hello.type is not MessageType.HELLO:
-        _reject(sock, "expected HELLO", timeout)
+        _reject(sock, "expected HELLO")
         raise BadFrame(f"expected HELLO from the worker, got {hello.type.name}")
     try:
         client_nonce = _hex_field(hello.meta, "nonce", NONCE_BYTES, BadFrame)
     except BadFrame as error:
-        _reject(sock, f"malformed HELLO: {error}", timeout)
+        _reject(sock, f"malformed HELLO: {error}")
         raise
-    answer = dict(welcome)
+    ready: dict[str, Any] = {}
     if secret is not None:
-        server_nonce = _authenticate(sock, secret, client_nonce, timeout, max_frame)
-        answer["mac"] = auth_tag(secret, "server", client_nonce, server_nonce).hex()
-    reason = check_hello(hello.meta)
+        server_nonce = _authenticate(sock, secret, client_nonce, deadline)
+        ready["mac"] = auth_tag(secret, "server", client_nonce, server_nonce).hex()
+    deadline.send(sock, Message(MessageType.READY, ready))
+    join = deadline.recv(sock, cap)
+    if join.type is not MessageType.JOIN:
+        _reject(sock, "expected JOIN")
+        raise BadFrame(f"expected JOIN from the worker, got {join.type.name}")
+    reason = check_hello(join.meta)
     if reason is not None:
-        _reject(sock, reason, timeout)
+        _reject(sock, reason)
         raise SignatureMismatch(reason) if reason.startswith("signature") else ProtocolError(reason)
-    send_message(sock, Message(MessageType.WELCOME, answer), timeout)
-    return hello.meta
+    deadline.send(sock, Message(MessageType.WELCOME, dict(welcome)))
+    return join.meta
 
 
 def model_signature(module: torch.nn.Module) -> list[list]:
@@ -647,16 +750,16 @@ def signature_mismatch(ours: list, theirs: Any) -> str | None:
     ):  # lengths compared below
         if name != their_name:
             if name not in their_names:
-                return f"signature mismatch: {_printable(name)} is missing from the peer's model"
+                return f"signature mismatch: {printable(name)} is missing from the peer's model"
             if their_name not in our_names:
-                return f"signature mismatch: the peer's model has an extra entry {_printable(their_name)}"
-            return f"signature mismatch: entries in another order (here {name}, on the peer {_printable(their_name)})"
+                return f"signature mismatch: the peer's model has an extra entry {printable(their_name)}"
+            return f"signature mismatch: entries in another order (here {name}, on the peer {printable(their_name)})"
         if list(shape) != their_shape:
             return f"signature mismatch: {name} has shape {list(shape)} here, {their_shape} on the peer"
         if dtype != their_dtype:
-            return f"signature mismatch: {name} has dtype {dtype} here, {_printable(their_dtype, 40)} on the peer"
+            return f"signature mismatch: {name} has dtype {dtype} here, {printable(their_dtype, 40)} on the peer"
     if len(ours) > len(theirs):
         return f"signature mismatch: {ours[len(theirs)][0]} is missing from the peer's model"
     if len(theirs) > len(ours):
-        return f"signature mismatch: the peer's model has an extra entry {_printable(theirs[len(ours)][0])}"
+        return f"signature mismatch: the peer's model has an extra entry {printable(theirs[len(ours)][0])}"
     return None

@@ -12,9 +12,12 @@ planned worker count, so the learning-rate schedule is the same however many wor
 
 from __future__ import annotations
 
+import collections
+import ipaddress
 import logging
 import math
 import os
+import secrets
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +38,13 @@ from cifar_pl.files import write_json
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.accounting import SampleAccounting
 from cifar_pl.parameter_server.launch import LocalWorkers
-from cifar_pl.parameter_server.server import ParameterServer, ServerSettings
+from cifar_pl.parameter_server.server import (
+    REJECTION_POLICIES,
+    ParameterServer,
+    RejectedMicroBatchError,
+    ServerSettings,
+    parse_address,
+)
 from cifar_pl.parameter_server.worker import data_fingerprint
 from cifar_pl.runtime import available_cores
 from cifar_pl.trainer_state import batches_processed, datamodule_of
@@ -86,14 +95,103 @@ class RoundLoader:
         for index in range(start, len(self)):
             yield RoundPlan(epoch, index, [mb for share in shares for mb in share[index * k : (index + 1) * k]])
 
+    def layout(self) -> dict[str, int]:
+        """What decides which samples each round of an epoch holds."""
+        return {
+            "workers": self.workers,
+            "micro_batches": self.micro_batches,
+            "batch_size": self.batches.batch_size,
+            "samples": self.batches.dataset_size,
+            "rounds": len(self),
+        }
+
     # Lightning saves and restores these with the fit loop: a server resumed from a checkpoint written
     # mid-epoch continues with the next round, not the epoch's first.
     def state_dict(self) -> dict[str, int]:
         epoch, rounds_done = self.position()
-        return {"epoch": epoch, "rounds_done": rounds_done}
+        state = {"epoch": epoch, "rounds_done": rounds_done, **self.layout()}
+        if rounds_done in (0, len(self)):
+            # at an epoch boundary another strategy can go on from here: its loader reads batches_done
+            state["batches_done"] = (
+                0 if rounds_done == 0 else math.ceil(self.batches.dataset_size / self.batches.batch_size)
+            )
+        return state
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume = (int(state_dict["epoch"]), int(state_dict["rounds_done"]))
+        epoch = int(state_dict["epoch"])
+        if "rounds_done" not in state_dict:
+            # another strategy's loader, at an epoch boundary (ParameterServerStrategy.load_checkpoint refuses
+            # its mid-epoch checkpoints): its epoch is either not begun or over
+            self._resume = (epoch, 0 if int(state_dict.get("batches_done", 0)) == 0 else len(self))
+            return
+        rounds_done, ours = int(state_dict["rounds_done"]), self.layout()
+        saved = {key: int(state_dict[key]) for key in ours if key in state_dict}
+        if saved and 0 < rounds_done < saved.get("rounds", len(self)) and saved != {k: ours[k] for k in saved}:
+            raise ConfigurationError(
+                f"the checkpoint was written in the middle of epoch {epoch}, after round {rounds_done} of "
+                f"{saved.get('rounds')}, by a run with {_layout_text(saved)}; this run has {_layout_text(ours)}. "
+                f"The rest of that epoch cannot be dealt out in another layout without using some samples twice "
+                f"and others not at all. Resume with the same strategy.workers, trainer.accumulate_grad_batches "
+                f"and data.batch_size, or from a checkpoint written at the end of an epoch (last.ckpt)."
+            )
+        self._resume = (epoch, rounds_done)
+
+
+def _written_mid_epoch(checkpoint: dict[str, Any]) -> bool:
+    """Whether Lightning saved the checkpoint with part of an epoch's batches done."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    done = progress.get("current", {}).get("completed", 0)
+    return bool(done) and not progress.get("is_last_batch", False)
+
+
+def _layout_text(layout: dict[str, int]) -> str:
+    names = {
+        "workers": "strategy.workers",
+        "micro_batches": "trainer.accumulate_grad_batches",
+        "batch_size": "data.batch_size",
+        "samples": "training samples",
+    }
+    return ", ".join(f"{names[k]}={v}" for k, v in layout.items() if k in names)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+ROUND_TIMINGS_KEPT = 10_000  # rounds whose timings the report's medians are taken over
+
+
+def check_exposure(address: str, secret: bytes | None, allow_insecure: bool) -> None:
+    """A server that workers started elsewhere can join must have a shared secret, unless told otherwise
+    (then it says loudly what that means). On 127.0.0.1 too: every user of the machine can reach that, and
+    a tunnel makes it reachable from other machines. (A local run makes its own secret.)"""
+    host, port = parse_address(address)
+    if secret is not None:
+        return
+    reach = "every user of this machine can reach" if is_loopback(host) else "other machines can reach"
+    if not allow_insecure:
+        raise ConfigurationError(
+            f"strategy.role=server would listen on {host}:{port}, which {reach}, without a shared secret: "
+            f"anyone who can connect could join as a worker, read the model's parameters every round and send "
+            f"it gradients of their choosing. Put a secret in a file only you can read and give "
+            f"strategy.secret_file=PATH to the server and every worker, or export {wire.SECRET_ENV}=<secret> "
+            f"in the environment of each; where no one else can connect, strategy.allow_insecure=true starts "
+            f"it without one."
+        )
+    log.warning(
+        "INSECURE: strategy.allow_insecure=true: the parameter server listens on %s:%d, which %s, without a shared "
+        "secret. Anyone who can reach that port can join as a worker, read the model's parameters every round "
+        "and inject gradients. Set strategy.secret_file or %s unless no one else can connect.",
+        host,
+        port,
+        reach,
+        wire.SECRET_ENV,
+    )
 
 
 class ParameterServerStrategy(SingleDeviceStrategy):
@@ -112,7 +210,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         address: str | None = None,
         min_workers: int | None = None,
         secret_file: str | None = None,
-        round_timeout: float = 120.0,
+        round_timeout: float = 30.0,
         straggler: str = "drop",
         worker_timeout: float = 600.0,
         resume: bool = False,
@@ -124,6 +222,9 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         max_pending_handshakes: int = 16,
         frame_timeout: float = 30.0,
         max_strikes: int = 3,
+        rejection_policy: str = "stop",
+        max_rejections: int = 3,
+        allow_insecure: bool = False,
         device: str | None = None,
     ) -> None:
         super().__init__(device=device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
@@ -137,7 +238,16 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self.address = address or ("127.0.0.1:0" if role == "local" else f"127.0.0.1:{DEFAULT_PORT}")
         if straggler not in STRAGGLER_POLICIES:
             raise ConfigurationError(f"strategy.straggler={straggler!r} is not one of {', '.join(STRAGGLER_POLICIES)}")
-        self.secret_file, self.worker_threads = secret_file, worker_threads
+        if rejection_policy not in REJECTION_POLICIES:
+            raise ConfigurationError(
+                f"strategy.rejection_policy={rejection_policy!r} is not one of {', '.join(REJECTION_POLICIES)}"
+            )
+        if max_rejections < 1 or max_strikes < 1 or frame_timeout <= 0:
+            raise ConfigurationError(
+                f"strategy.max_rejections={max_rejections}, strategy.max_strikes={max_strikes} and "
+                f"strategy.frame_timeout={frame_timeout} must all be positive"
+            )
+        self.secret_file, self.worker_threads, self.allow_insecure = secret_file, worker_threads, allow_insecure
         self.join_timeout, self.resume, self.reconnect_timeout = join_timeout, resume, reconnect_timeout
         self.settings = ServerSettings(
             address=self.address,
@@ -149,14 +259,18 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             max_pending=max_pending_handshakes,
             frame_timeout=frame_timeout,
             max_strikes=max_strikes,
+            rejection_policy=rejection_policy,
+            max_rejections=max_rejections,
         )
         self.micro_batches_per_worker = 1
         self.server: ParameterServer | None = None
         self.local_workers: LocalWorkers | None = None
-        self.round_timings: list[dict[str, float]] = []
+        # the latest rounds' timings, for the report's medians: bounded, however long the run
+        self.round_timings: collections.deque[dict[str, float]] = collections.deque(maxlen=ROUND_TIMINGS_KEPT)
         self._gradient: Tensor | None = None
         self._round_ended: float | None = None
         self._restored: dict[str, Any] | None = None  # the server's state from the checkpoint resumed from
+        self.local_workers_restarts: dict[str, list[str]] = {}
 
     @property
     def classifier(self) -> ImageClassifier:
@@ -204,10 +318,19 @@ class ParameterServerStrategy(SingleDeviceStrategy):
 
     def on_train_start(self) -> None:
         assert self.server is not None
-        joined = self.server.wait_for_workers(self.min_workers, self.join_timeout)
+        server, local = self.server, self.local_workers
+        deadline = time.monotonic() + self.join_timeout
+        while True:
+            wait = max(0.0, deadline - time.monotonic())
+            # local workers are this process's children: a glance at them every 0.2 s notices one that ended
+            joined = server.wait_for_workers(self.min_workers, min(wait, 0.2) if local else wait)
+            if joined >= self.min_workers or time.monotonic() >= deadline:
+                break
+            if local is not None:
+                local.look_after({c.label for c in server.live_workers}, self.min_workers)
         if joined < self.min_workers:
-            where = f"; their logs are in {self.local_workers.log_dir}" if self.local_workers else ""
-            host, port = self.server.address
+            where = f"; their logs are in {local.log_dir}" if local else ""
+            host, port = server.address
             raise ConfigurationError(
                 f"only {joined} of the {self.min_workers} workers needed joined the parameter server at {host}:{port} "
                 f"within {self.join_timeout:g} s{where}. Start them with: python train.py <same options> "
@@ -216,16 +339,36 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             )
         log.info("parameter server: %d worker(s) joined; training starts", joined)
 
-    def training_step(self, plan: RoundPlan, batch_idx: int) -> Tensor:
+    def training_step(self, plan: RoundPlan, batch_idx: int) -> Tensor | None:
         assert self.server is not None
         module = self.classifier
         started = time.perf_counter()
         if self._round_ended is not None and batch_idx > 0 and self.round_timings:
             # the server's own work between two rounds of an epoch: clip, AdamW, OneCycleLR, Lightning's loop
             self.round_timings[-1]["step"] = started - self._round_ended
-        result = self.server.run_round(plan.epoch, plan.micro_batches, version=module.trainer.global_step)
+        try:
+            result = self.server.run_round(
+                plan.epoch,
+                plan.micro_batches,
+                version=module.trainer.global_step,
+                accumulation=self.micro_batches_per_worker,
+                planned_workers=self.workers,
+            )
+        except RejectedMicroBatchError as error:
+            raise RejectedMicroBatchError(
+                error.epoch,
+                error.round,
+                error.position,
+                error.indices,
+                error.reasons,
+                f"(Round {error.round} of the run is round {plan.index + 1} of epoch {plan.epoch}.) last.ckpt is "
+                f"written as the run stops (callbacks.last_checkpoint), so it can go on from there with "
+                f"ckpt_path=<run directory>/checkpoints/last.ckpt and the changed setting.",
+            ) from None
         self.round_timings.append(result.timings)
         self._round_ended = time.perf_counter()
+        if not result.samples:  # every micro-batch of the round was skipped: no gradient, no optimizer step
+            return None
         self._gradient = result.gradient
         module.training_batch_done(result.loss_sum, result.correct, result.samples, batch_idx)
         return torch.tensor(result.loss_sum / result.samples)
@@ -248,6 +391,13 @@ class ParameterServerStrategy(SingleDeviceStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        if "parameter_server" not in checkpoint and _written_mid_epoch(checkpoint):
+            raise ConfigurationError(
+                f"{checkpoint_path} was written in the middle of an epoch by a run with another strategy (single "
+                f"process or DDP), which takes an epoch's samples in another order than the parameter server "
+                f"deals them: going on from there would use some samples twice and others not at all. Resume it "
+                f"with the strategy that wrote it, or from a checkpoint written at the end of an epoch (last.ckpt)."
+            )
         if "parameter_server" in checkpoint:
             self._restored = {
                 **checkpoint["parameter_server"],
@@ -295,7 +445,12 @@ class ParameterServerStrategy(SingleDeviceStrategy):
                 )
             return mismatch
 
-        self.settings.secret = wire.load_secret(self.secret_file)
+        secret = wire.load_secret(self.secret_file)
+        generated = secret is None and self.role == "local"
+        if generated:  # this run's own workers get it through their environment: no one else can join
+            secret = secrets.token_hex(32).encode()
+        check_exposure(self.address, secret, self.allow_insecure)
+        self.settings.secret = secret
         accounting = SampleAccounting(len(datamodule.train_set))
         self.server = ParameterServer(module, self.settings, check_hello, accounting)
         if self._restored is not None:
@@ -309,7 +464,12 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             threads = self.worker_threads or max(1, available_cores() // self.workers)
             spec = self._write_worker_spec(trainer, threads, run_dir / "parameter_server" / "worker_spec.json")
             self.local_workers = LocalWorkers(
-                self.workers, spec, f"{host}:{port}", run_dir / "parameter_server", threads
+                self.workers,
+                spec,
+                f"{host}:{port}",
+                run_dir / "parameter_server",
+                threads,
+                secret=secret if generated else None,  # else the workers read the same file or variable
             )
             self.local_workers.start()
 
@@ -343,12 +503,14 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         if server is not None:
             server.stop(reason)
         exits = workers.stop() if workers is not None else {}
+        self.local_workers_restarts = dict(workers.restarts) if workers is not None else {}
         if server is not None and self.lightning_module is not None:
             self._write_report(server, exits)
 
     def round_ms(self) -> dict[str, float]:
-        """Median milliseconds per round: sending parameters and assignments, waiting for the workers'
-        gradients (their compute and the transfer), averaging them, and the optimizer step between rounds."""
+        """Median milliseconds per round, over the latest ``ROUND_TIMINGS_KEPT`` rounds: sending parameters
+        and assignments, waiting for the workers' gradients (their compute and the transfer), averaging them,
+        and the optimizer step between rounds."""
         names = {"send": "send", "wait": "receive", "aggregate": "average", "step": "step", "total": "round"}
         return {
             label: round(statistics.median(t[key] for t in self.round_timings if key in t) * 1000, 3)
@@ -364,9 +526,11 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             "rounds": server.round,
             "round_ms_median": self.round_ms(),
             "local_worker_exit_codes": exits,
+            "local_worker_restarts": self.local_workers_restarts,
             "rounds_per_worker": dict(server.contributions),
             "epochs": server.accounting.report(),
-            "events": server.events,
+            "events": list(server.events),  # the latest ParameterServer.EVENTS_KEPT
+            "event_counts": dict(server.event_counts),
             "refused_connections": dict(server.refusals),
             "recent_refusals": server.recent_refusals,
         }

@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -25,12 +26,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import lightning as L
 import torch
 
 from cifar_pl.classifier import ImageClassifier
+from cifar_pl.errors import ConfigurationError
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.packing import FlatState
 from cifar_pl.parameter_server.protocol import Message, MessageType
@@ -48,6 +50,8 @@ class WorkerSettings:
     secret: bytes | None = None
     connect_timeout: float = 120.0  # keep trying to reach the server for this long
     reconnect_timeout: float = 60.0  # after losing the server (it may be restarting), look for it this long
+    backoff_base: float = 0.1  # the first wait before trying again; doubles with every failed try
+    backoff_max: float = 10.0  # the longest wait between tries
     idle_timeout: float = 1800.0  # the longest the server may stay silent (it validates between epochs)
     frame_timeout: float = 60.0
     handshake_timeout: float = 30.0
@@ -64,6 +68,10 @@ def data_fingerprint(datamodule: Any) -> dict[str, Any]:
     }
 
 
+def _is_count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The forward-pass context for a Lightning precision string."""
     if precision in ("bf16-mixed", "bf16"):
@@ -73,8 +81,29 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
     return contextlib.nullcontext()
 
 
+class Backoff:
+    """Waits between tries that grow exponentially, with jitter: the n-th wait is drawn uniformly from
+    ``[d/2, d]``, ``d = min(cap, base * 2**n)``. Workers that lost the server together (it restarted, or
+    it cut them off) then come back spread out instead of all at once, and one that is refused again and
+    again (struck out for bad gradients, turned away while the server is full) slows down."""
+
+    def __init__(self, base: float, cap: float, rng: random.Random | None = None) -> None:
+        self.base, self.cap, self.tries = base, cap, 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.base * 2**self.tries)
+        self.tries = min(self.tries + 1, 60)
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.tries = 0
+
+
 class Worker:
     """Serves gradients to one parameter server until it says training is done."""
+
+    STABLE_AFTER = 30.0  # seconds served on one connection after which the backoff starts over
 
     def __init__(self, module: ImageClassifier, datamodule: Any, precision: str, settings: WorkerSettings) -> None:
         self.module = module
@@ -95,48 +124,53 @@ class Worker:
             "data": data_fingerprint(self.datamodule),
         }
 
-    def connect(self, patience: float) -> socket.socket:
-        """Connect, retrying with backoff for ``patience`` seconds: the server may not be up yet."""
+    def connect(self, deadline: float, backoff: Backoff) -> socket.socket:
+        """Connect, trying again with backoff until ``deadline`` (monotonic): the server may not be up yet."""
         host, port = parse_address(self.settings.address)
-        deadline = time.monotonic() + patience
-        delay = 0.1
         while True:
             try:
-                sock = socket.create_connection((host, port), timeout=min(10.0, max(patience, 0.1)))
+                timeout = min(10.0, max(deadline - time.monotonic(), 0.1))
+                sock = socket.create_connection((host, port), timeout=timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return sock
             except OSError as error:
+                delay = backoff.next()
                 if time.monotonic() + delay > deadline:
                     raise ConnectionError(
-                        f"cannot reach the parameter server at {host}:{port} ({error}) after {patience:g} s; "
-                        f"is it running, and is strategy.address right?"
+                        f"cannot reach the parameter server at {host}:{port} ({error}); is it running, and is "
+                        f"strategy.address right?"
                     ) from None
                 time.sleep(delay)
-                delay = min(delay * 2, 2.0)
 
     def run(self) -> int:
         """Serve until the server says training is done. A server that goes away (a crash, a restart from its
-        checkpoint) is looked for again for ``reconnect_timeout`` seconds; a refusal (wrong secret, model
-        or protocol version) is final."""
-        patience = self.settings.connect_timeout
+        checkpoint) or cuts this worker off is looked for again for ``reconnect_timeout`` seconds, every try
+        after a growing, jittered wait; a refusal (wrong secret, model or protocol version) is final."""
+        s = self.settings
+        backoff = Backoff(s.backoff_base, s.backoff_max)
+        deadline = time.monotonic() + s.connect_timeout
         while True:
-            sock = self.connect(patience)
+            sock = self.connect(deadline, backoff)
+            joined: float | None = None
             try:
-                welcome = wire.client_handshake(
-                    sock, self.hello(), self.settings.secret, self.settings.handshake_timeout, self.settings.max_frame
-                )
-                log.info("worker %s joined as worker-%s", self.settings.name, welcome.get("worker_id"))
+                welcome = wire.client_handshake(sock, self.hello(), s.secret, s.handshake_timeout)
+                joined = time.monotonic()
+                log.info("worker %s joined as worker-%s", s.name, welcome.get("worker_id"))
                 return self.serve(sock)
             except (wire.PeerClosed, wire.ReadTimeout, wire.WriteTimeout, ConnectionError) as error:
-                if self.settings.reconnect_timeout <= 0:
+                if s.reconnect_timeout <= 0:
                     raise
-                log.warning(
-                    "worker %s lost the server (%s); looking for it for %g s",
-                    self.settings.name,
-                    error,
-                    self.settings.reconnect_timeout,
-                )
-                patience = self.settings.reconnect_timeout
+                if joined is not None:  # it had joined: the server went away or cut it off
+                    if time.monotonic() - joined >= self.STABLE_AFTER:
+                        backoff.reset()
+                    deadline = time.monotonic() + s.reconnect_timeout
+                delay = backoff.next()
+                if time.monotonic() + delay > deadline:
+                    raise ConnectionError(
+                        f"lost the parameter server at {s.address} ({error}) and could not join it again"
+                    ) from None
+                log.warning("worker %s lost the server (%s); trying again in %.1f s", s.name, error, delay)
+                time.sleep(delay)
             finally:
                 sock.close()
 
@@ -169,10 +203,13 @@ class Worker:
         return iter(torch.split(indices, sizes.tolist()))
 
     def compute(self, message: Message) -> Message:
-        """The gradient over the assigned micro-batches, accumulated exactly as Lightning accumulates
-        (each micro-batch's mean loss divided by their number), with the loss and accuracy sums and the
-        BatchNorm statistics after them. The server weights each worker by its share of the samples."""
-        epoch = int(message.meta["epoch"])
+        """The gradient over the assigned micro-batches, accumulated exactly as Lightning accumulates: each
+        micro-batch's mean loss divided by the server's ``divisor`` (``accumulate_grad_batches``, also for a
+        share with fewer micro-batches), with the loss and accuracy sums and the BatchNorm statistics after
+        them. The server adds the workers' gradients with weight 1 / planned workers, as DDP averages."""
+        epoch, divisor = message.meta.get("epoch"), message.meta.get("divisor")
+        if not (_is_count(epoch) and _is_count(divisor) and divisor >= 1):
+            raise wire.BadFrame("ASSIGN needs an integer epoch and a divisor of at least 1")
         module, device = self.module, self.device
         micro_batches = list(self._micro_batches(message))
         module.train()
@@ -185,7 +222,7 @@ class Worker:
                 y = labels.to(device)
                 with autocast_for(self.precision, device):
                     loss, hits = module.classification_loss(x, y)
-                scaled = loss / len(micro_batches)
+                scaled = loss / divisor
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 samples += len(y)
                 loss_sum += float(loss.detach()) * len(y)
@@ -268,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         module, datamodule = build_from_spec(spec)
         settings = WorkerSettings(args.address, args.name, secret, **spec.get("timeouts", {}))
         return Worker(module, datamodule, spec["precision"], settings).run()
-    except (wire.ProtocolError, ConnectionError, OSError) as error:
+    except (wire.ProtocolError, ConnectionError, OSError, ConfigurationError) as error:
         log.error("worker %s stops: %s", args.name, error)
         return EXIT_FAILED
     except KeyboardInterrupt:
