@@ -56,10 +56,12 @@ def _launch(topology: tuple[int, int], args: list[str], run_dir: Path, cwd: Path
     return results
 
 
+# One topology each way: stopped with one launcher of two processes, resumed with two launchers of one. (Ctrl-C
+# on two launchers, resumed with one, passed too; it is left out to keep the suite within CI's 10 minutes.)
 @pytest.mark.parametrize(
     ("stopped", "resumed"),
-    [((1, 2), (2, 1)), ((2, 1), (1, 2))],
-    ids=["ctrl-c-one-launcher-two-processes,resume-two-launchers", "ctrl-c-two-launchers,resume-one-launcher"],
+    [((1, 2), (2, 1))],
+    ids=["ctrl-c-one-launcher-two-processes,resume-two-launchers"],
 )
 def test_torchrun_stops_on_ctrl_c_and_resumes_to_the_test_and_metrics_json(tmp_path, stopped, resumed):
     # Ctrl-C reaches the launcher, which passes it on to its workers (they run in sessions of their own): as
