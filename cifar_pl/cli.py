@@ -134,6 +134,13 @@ def explain_hydra_error(error: Exception, config_dir: Path, entry_point: str) ->
     """Hydra's message, or for an override of a key that does not exist, what the user probably meant:
     the close key (trainer.max_epoch -> trainer.max_epochs), or the option of the group that has it
     (strategy.workers -> strategy=parameter_server)."""
+    if isinstance(error, OverrideParseException) and (quoted := _quoted_override(error.override)):
+        key = error.override.partition("=")[0]
+        return (
+            f"Hydra cannot read the value given to {key}: it holds characters Hydra's override grammar keeps for "
+            f"itself (= , brackets, quotes or spaces), as the folder names of a sweep's jobs do. Put the value in "
+            f"double quotes for Hydra, inside the shell's single quotes: {quoted}"
+        )
     cause = error.__cause__
     if not isinstance(cause, OmegaConfBaseException) or not getattr(cause, "full_key", None):
         # e.g. an option that does not exist: Hydra lists the group's options, then its search path
@@ -155,6 +162,15 @@ def explain_hydra_error(error: Exception, config_dir: Path, entry_point: str) ->
         f"there are, for the options chosen on the command line (Hydra's hint to add +{key} would only pass "
         f"the unknown key on, to fail later)."
     ).replace("  ", " ")
+
+
+def _quoted_override(override: str) -> str | None:
+    """``key='"value"'`` for an override whose value Hydra cannot parse because of its reserved characters,
+    when quoting it is enough (it holds no double quote of its own); else None."""
+    key, sep, value = override.partition("=")
+    if not sep or '"' in value or "'" in value or not any(c in value for c in "=,[]{}() "):
+        return None
+    return f"'{key}=\"{value}\"'"
 
 
 def _options_with(config_dir: Path, group: str, name: str) -> str | None:

@@ -6,6 +6,7 @@ real ``train.py`` for Hydra's own errors about the command line."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import lightning as L
@@ -230,3 +231,19 @@ def test_a_secret_file_that_cannot_give_a_secret_is_one_paragraph(tmp_path, prob
     assert "\n" not in message
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["status"] == "failed" and message in record["error"]
+
+
+def test_a_sweep_jobs_checkpoint_path_gets_the_quoting_hydra_needs(tmp_path):
+    """A sweep job's folder is named after its overrides (``0_model=cnn,trainer.max_epochs=1``): Hydra's
+    override grammar cannot read such a value unquoted. The error gives the quoted form, and that form works."""
+    ckpt = tmp_path / "multirun" / "0_model=cnn,trainer.max_epochs=1" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not a checkpoint")
+    result = run_script("evaluate.py", [f"ckpt_path={ckpt}"], cwd=tmp_path)
+    message = result.stderr.replace("\n       ", " ")
+    assert result.returncode == 2 and "Traceback" not in message, message
+    suggested = message.rsplit("inside the shell's single quotes: ", 1)[1].strip()
+    assert suggested == f"'ckpt_path=\"{ckpt}\"'"
+    again = run_script("evaluate.py", shlex.split(suggested), cwd=tmp_path)  # as the shell would pass it
+    message = again.stderr.replace("\n       ", " ")
+    assert again.returncode == 2 and f"{ckpt} cannot be read as a checkpoint" in message, message
