@@ -206,9 +206,8 @@ class ParameterServer:
         self._joined = threading.Condition(self._lock)
         self._workers: dict[int, Connection] = {}
         self._ids = itertools.count(1)
-        self._handshake_keys = itertools.count()
         self._assignment_ids = itertools.count(1)
-        self._handshaking: dict[int, tuple[socket.socket, str]] = {}  # in progress, oldest first: socket, peer
+        self._handshaking: dict[socket.socket, str] = {}  # in progress, oldest first, with their peers
         self._stopping = threading.Event()
         self._params_cache: tuple[int, list[bytes | memoryview]] | None = None
         self._listener: socket.socket | None = None
@@ -289,20 +288,21 @@ class ParameterServer:
                 continue
             except OSError:
                 return  # listener closed
-            key, evicted = next(self._handshake_keys), []
+            evicted = []
             with self._lock:
                 while len(self._handshaking) >= self.settings.max_pending:
                     # the oldest has had the longest to finish, and a real worker's handshake takes milliseconds
-                    evicted.append(self._handshaking.pop(next(iter(self._handshaking))))
-                self._handshaking[key] = (sock, f"{peer[0]}:{peer[1]}")
+                    oldest = next(iter(self._handshaking))
+                    evicted.append((oldest, self._handshaking.pop(oldest)))
+                self._handshaking[sock] = f"{peer[0]}:{peer[1]}"
             for old_sock, old_peer in evicted:
                 with suppress(OSError):
                     old_sock.shutdown(socket.SHUT_RDWR)  # its thread's read ends at once, and it cleans up
                 self._event("refused", peer=old_peer, detail="handshake cut off: a newer connection needed its slot")
-            thread = threading.Thread(target=self._admit, args=(key, sock, peer), name="ps-handshake", daemon=True)
+            thread = threading.Thread(target=self._admit, args=(sock, peer), name="ps-handshake", daemon=True)
             thread.start()
 
-    def _admit(self, key: int, sock: socket.socket, peer: tuple) -> None:
+    def _admit(self, sock: socket.socket, peer: tuple) -> None:
         peer_name = f"{peer[0]}:{peer[1]}"
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -317,13 +317,13 @@ class ParameterServer:
             )
         except (wire.ProtocolError, OSError) as error:
             with self._lock:
-                cut_off = self._handshaking.pop(key, None) is None  # the accept loop logged why
+                cut_off = self._handshaking.pop(sock, None) is None  # the accept loop logged why
             if not cut_off:
                 self._event("rejected", peer=peer_name, detail=str(error))
             sock.close()
             return
         with self._lock:
-            if self._handshaking.pop(key, None) is None:  # cut off just as it finished: its socket is shut
+            if self._handshaking.pop(sock, None) is None:  # cut off just as it finished: its socket is shut
                 sock.close()
                 return
         label = peer_text(joined.get("name")) or peer_name.rpartition(":")[0]
