@@ -38,6 +38,15 @@ def test_a_few_epochs_on_synthetic_data_learn_well_above_chance(tmp_path):
     assert metrics["best_val/acc"] > 0.5
 
 
+def test_a_run_of_exactly_four_optimizer_steps_trains_to_the_end(tmp_path):
+    """OneCycleLR's default warm-up (0.25) of a 4-step run is exactly one step, which torch divides by zero
+    for; such short runs (a smoke test, tiny data) must still train."""
+    cfg = compose_config(tmp_path, [*TINY_SYNTHETIC, "data.batch_size=24", "trainer.max_epochs=1", *QUIET])
+    metrics = train(cfg)  # 384 training images / 24 = 16 micro-batches, accumulation 4: 4 optimizer steps
+    assert metrics["status"] == "completed" and metrics["global_step"] == 4, metrics
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+
+
 def _resume_config(tmp_path: Path, name: str, extra=()):
     cfg = compose_config(
         tmp_path,
