@@ -6,7 +6,8 @@ Each contender trains the project's default model on the same synthetic CIFAR-sh
 the second 2x slower. Throughput is training samples per second from the end of the ``--warmup-steps``-th
 optimizer step to the end of the epoch's last (worker start-up and first kernels excluded; the epoch's end,
 where async and ssp wait for their last contributions, included). Every repeat runs every mode once, in a
-balanced order; the ratios are paired within a repeat. With one worker 2x slower the ideal async speed-up
+balanced order; the ratios are paired within a repeat. The server runs on one CPU thread in every mode, and
+each worker on cores / workers. With one worker 2x slower the ideal async speed-up
 is 1.5 (the fast worker never waits: 3 shares in the time sync does 2); ssp's fast worker can be at most
 ``S`` rounds ahead, so once it is that far ahead it waits for the slow one, as in sync.
 """
@@ -42,6 +43,10 @@ RUN_SETTINGS = [
     "++trainer.num_sanity_val_steps=0",
     "trainer.max_epochs=1",
     "test_after_fit=false",
+    # the server on one thread in every mode: with more, its intra-op threads spin on the cores the workers
+    # compute on (async and ssp train on one anyway, see ParameterServerStrategy._server_threads), and sync
+    # would be measured slowed down by that rather than by its round barrier
+    "num_threads=1",
 ]
 
 
