@@ -223,6 +223,8 @@ def test_async_training_is_interrupted_mid_epoch_resumes_and_completes_its_exact
     resumed.paths.output_dir = str(tmp_path / "resumed")
     metrics = train(resumed)
     assert metrics["status"] == "completed" and metrics["global_step"] == 2 * 6
+    assert metrics["ps_mode"] == "async" and metrics["samples_per_s"] > 0 and metrics["staleness_mean"] > 0
+    assert len(metrics["accuracy_timeline"]) == 1  # the resumed epoch's validation
     final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     scheduler = final["lr_schedulers"][0]
     assert scheduler["total_steps"] == scheduler["last_epoch"] == 2 * 6  # the schedule ran exactly to its end

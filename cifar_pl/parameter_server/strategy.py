@@ -307,6 +307,10 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self._loader: RoundLoader | None = None
         self._reassigned_total = 0  # samples reassigned in this process's steps (telemetry)
         self._threads_outside_training: int | None = None
+        self._step_started = self._training_seconds = 0.0
+        self._training_samples = 0
+        self._fit_started: float | None = None
+        self.accuracy_timeline: list[list[float]] = []  # [seconds since training started, val/acc] per epoch
         self.secret_file, self.worker_threads, self.allow_insecure = secret_file, worker_threads, allow_insecure
         self.join_timeout, self.resume, self.reconnect_timeout = join_timeout, resume, reconnect_timeout
         self.settings = ServerSettings(
@@ -401,6 +405,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             )
         log.info("parameter server: %d worker(s) joined; training starts", joined)
         self._server_threads(training=True)
+        self._fit_started = time.perf_counter()
 
     def _server_threads(self, training: bool) -> None:
         """async and ssp: while training, the server steps and averages while its workers compute, on the same
@@ -424,10 +429,14 @@ class ParameterServerStrategy(SingleDeviceStrategy):
     def on_validation_end(self) -> None:
         super().on_validation_end()
         trainer = self.classifier.trainer
+        accuracy = trainer.callback_metrics.get("val/acc")
+        if self._fit_started is not None and not trainer.sanity_checking and accuracy is not None:
+            self.accuracy_timeline.append([round(time.perf_counter() - self._fit_started, 3), float(accuracy)])
         self._server_threads(training=trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking)
 
     def training_step(self, plan: RoundPlan, batch_idx: int) -> Tensor | None:
         assert self.server is not None
+        self._step_started = time.perf_counter()
         if self.mode != "sync":
             return self._pipelined_step(plan, batch_idx)
         module = self.classifier
@@ -461,7 +470,12 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         """Hand a complete step's gradient to Lightning's optimizer step, and its statistics to the module."""
         module = self.classifier
         self.round_timings.append(result.timings)
-        self._round_ended = time.perf_counter()
+        now = time.perf_counter()
+        # training time (not validation): from the previous step's end within an epoch, else this step's start
+        since = self._round_ended if batch_idx > 0 and self._round_ended is not None else self._step_started
+        self._training_seconds += now - since
+        self._training_samples += result.samples
+        self._round_ended = now
         self._reassigned_total += result.reassigned_samples
         if module._writes_step_metrics(batch_idx):
             self._log_telemetry(module, result)
@@ -671,6 +685,18 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self.local_workers_restarts = dict(workers.restarts) if workers is not None else {}
         if server is not None and self.lightning_module is not None:
             self._write_report(server, exits)
+
+    def run_metrics(self) -> dict[str, Any]:
+        """For metrics.json (and so a sweep's results table): the mode, training throughput (samples per
+        second of training steps, validation excluded), the mean staleness, and validation accuracy against
+        wall-clock time since training started."""
+        seconds = self._training_seconds
+        return {
+            "ps_mode": self.mode,
+            "samples_per_s": round(self._training_samples / seconds, 2) if seconds else None,
+            "staleness_mean": self.staleness_stats.report()["mean"],
+            "accuracy_timeline": self.accuracy_timeline,
+        }
 
     def round_ms(self) -> dict[str, float]:
         """Median milliseconds per round, over the latest ``ROUND_TIMINGS_KEPT`` rounds: sending parameters
