@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 
 import pytest
@@ -189,6 +190,24 @@ def test_nan_gradients_are_refused_in_every_mode_and_their_micro_batches_compute
     assert torch.isfinite(server.flat.params_flat()).all()
     assert server.event_counts["rejected contribution"] == 2
     assert server.accounting.report()[0]["every_sample_exactly_once"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"mode": "fastest"}, "not one of sync, async, ssp"),
+        ({"mode": "ssp", "staleness": -1}, "0 or more (0 is sync)"),
+        ({"worker_slowdown": [1.0, 0.5]}, "factor of at least 1.0"),
+        ({"worker_slowdown": [1.0, 2.0, 2.0]}, "at most strategy.workers=2"),
+        ({"worker_slowdown": [2.0], "role": "server", "allow_insecure": True}, "strategy.role=local"),
+    ],
+)
+def test_mode_settings_that_cannot_work_are_refused_with_the_fix(settings, says):
+    from cifar_pl.errors import ConfigurationError
+    from cifar_pl.parameter_server.strategy import ParameterServerStrategy
+
+    with pytest.raises(ConfigurationError, match=re.escape(says)):
+        ParameterServerStrategy(workers=2, **settings)
 
 
 # --- the strategy end to end: real worker processes, Lightning's optimizer step and schedule ------------
