@@ -45,14 +45,15 @@ def make_server():
         server.stop("test over")
 
 
-def model_answer(cell: list[FakeWorker], delay: float = 0.0, nan_first: int = 0):
+def model_answer(cell: list[FakeWorker], first_delay: float = 0.0, nan_first: int = 0):
     """A gradient that depends on the parameters the worker holds and on its samples, so a step computed on
-    other parameters, weighed differently or applied in another order changes the model. ``delay``: seconds
-    per assignment; ``nan_first``: that many first answers carry a NaN."""
+    other parameters, weighed differently or applied in another order changes the model. ``first_delay``:
+    seconds its first answer takes; ``nan_first``: that many first answers carry a NaN."""
     answered = []
 
     def answer(assign: Message, flat) -> Message:
-        time.sleep(delay)
+        if not answered:
+            time.sleep(first_delay)
         params = cell[0].params[-1]
         indices, sizes = assign.tensors
         grads = sum(params * 0.1 + float(mb.float().mean()) / 64 for mb in indices.split(sizes.tolist()))
@@ -132,10 +133,11 @@ def test_ssp_with_staleness_0_and_async_with_one_worker_take_the_steps_sync_take
 
 
 def test_ssp_makes_a_worker_too_far_ahead_wait_and_bounds_staleness(make_server):
-    """S=2, one worker answering at once and one taking 0.15 s, 6 ticks: the fast one computes ticks 0, 1 and
-    2, then waits for the slow one's first answer; no contribution is more than S steps stale, and some are S."""
+    """S=2, 6 rounds, one worker answering at once and one whose first answer takes 0.4 s: the fast one
+    computes its shares of rounds 0, 1 and 2, then waits for the slow one; no contribution is more than S
+    steps stale, and some are S."""
     server = make_server(samples=96)
-    slow, fast = model_worker(server, "slow", delay=0.15), model_worker(server, "fast")
+    slow, fast = model_worker(server, "slow", first_delay=0.4), model_worker(server, "fast")
     join(server, slow, fast)
     stale = train_steps(server, "ssp", 2, staleness=2, epochs=1, samples=96)
     first_slow_answer = slow.answer.answered[0]
@@ -143,12 +145,13 @@ def test_ssp_makes_a_worker_too_far_ahead_wait_and_bounds_staleness(make_server)
     assert max(stale) == 2 and min(stale) == 0
     assert len(stale) == 2 * 6  # 6 ticks of 2 shares, each applied once
     assert server.accounting.report()[0]["every_sample_exactly_once"]
-    # async with the same workers does not wait: the fast one does most of the epoch's shares
+    # async with the same workers does not wait: the fast one does the epoch's other 11 shares meanwhile,
+    # and the slow one's gradient, computed on the first parameters, is applied 11 steps later
     server = make_server(samples=96)
-    slow, fast = model_worker(server, "slow", delay=0.15), model_worker(server, "fast")
+    slow, fast = model_worker(server, "slow", first_delay=0.4), model_worker(server, "fast")
     join(server, slow, fast)
     stale = train_steps(server, "async", 2, epochs=1, samples=96)
-    assert len(fast.assigned) > 2 * len(slow.assigned) and max(stale) > 2
+    assert (len(fast.assigned), len(slow.assigned)) == (11, 1) and max(stale) == 11
     assert server.accounting.report()[0]["every_sample_exactly_once"]
 
 
