@@ -236,6 +236,9 @@ def test_async_training_is_interrupted_mid_epoch_resumes_and_completes_its_exact
     with pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C, after last.ckpt is saved
         train(cfg)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "interrupted"
+    stopped = json.loads((tmp_path / "run" / "parameter_server" / "report.json").read_text())
+    # the shares still out were awaited, so both workers heard "done" and exited cleanly
+    assert stopped["local_worker_exit_codes"] == {"local-0": 0, "local-1": 0}
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
     applied = saved["parameter_server"]["applied"]
