@@ -8,6 +8,10 @@ Lightning calls after zeroing the gradients) writes their sample-weighted averag
 Lightning's own optimizer step then clips it and steps AdamW and OneCycleLR. Validation, test, logging and
 checkpoints are Lightning's, once, on the central model. The number of rounds per epoch is fixed by the
 planned worker count, so the learning-rate schedule is the same however many workers come and go.
+
+That is ``mode="sync"``. In ``async`` and ``ssp`` (``pipeline.py``) a training "batch" is one optimizer
+step of a pipeline that keeps the workers busy across steps: in async one worker's share of a round, in
+ssp a round whose shares may have been computed up to ``staleness`` steps earlier.
 """
 
 from __future__ import annotations
