@@ -204,7 +204,6 @@ def test_server_load_benchmark(smoke_runs):
 # --- the statistics every benchmark reports ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [2, 3, 5, 6])
 def test_ps_modes_benchmark(smoke_runs):
     """sync, ssp and async with the second worker 2x slower: the figures of each mode, the paired ratios, and
     the staleness each mode had (none in sync)."""
@@ -218,6 +217,7 @@ def test_ps_modes_benchmark(smoke_runs):
     assert "ssp: " in smoke_runs["ps-modes"][1] and "async / sync: median" in smoke_runs["ps-modes"][1]
 
 
+@pytest.mark.parametrize("n", [2, 3, 5, 6])
 def test_balanced_order_puts_every_contender_in_every_place_and_after_every_other(n):
     rows = [balanced_order(n, r) for r in range(n if n % 2 == 0 else 2 * n)]
     assert all(sorted(row) == list(range(n)) for row in rows)
