@@ -48,6 +48,8 @@ RESULT_COLUMNS = [
     "params",
     "error",
 ]
+# columns a table gets when any of its jobs reports them (parameter-server runs: their throughput and staleness)
+OPTIONAL_COLUMNS = ["samples_per_s", "staleness_mean"]
 
 
 @dataclass
@@ -67,9 +69,9 @@ class Job:
         """The job's number in the sweep (its folder is ``<number>_<overrides>``)."""
         return self.name.split("_", 1)[0]
 
-    def row(self, swept: list[str]) -> dict[str, Any]:
+    def row(self, swept: list[str], columns: list[str] = RESULT_COLUMNS) -> dict[str, Any]:
         row: dict[str, Any] = {"job": self.number, **{key: self.overrides.get(key, "") for key in swept}}
-        for column in RESULT_COLUMNS:
+        for column in columns:
             row[column] = self.metrics.get(column, "")
         row["status"] = self.status
         return row
@@ -167,7 +169,9 @@ def _write_table(rows: list[dict[str, Any]], columns: list[str], sweep_dir: Path
 
 
 def write_tables(jobs: list[Job], swept: list[str], sweep_dir: Path) -> list[Path]:
-    return _write_table([job.row(swept) for job in jobs], ["job", *swept, *RESULT_COLUMNS], sweep_dir, "results")
+    extra = [c for c in OPTIONAL_COLUMNS if any(job.metrics.get(c) is not None for job in jobs)]
+    columns = [*RESULT_COLUMNS[:-1], *extra, RESULT_COLUMNS[-1]]  # the error stays last
+    return _write_table([job.row(swept, columns) for job in jobs], ["job", *swept, *columns], sweep_dir, "results")
 
 
 def write_setting_tables(jobs: list[Job], swept: list[str], sweep_dir: Path) -> list[Path]:
@@ -234,10 +238,30 @@ def plot_accuracy(jobs: list[Job], swept: list[str], path: Path) -> Path:
     return _save(fig, ax, "test accuracy", "Test accuracy against epochs", path)
 
 
-def _save(fig: plt.Figure, ax: plt.Axes, ylabel: str, title: str, path: Path) -> Path:
-    """Label an epochs plot (whole epochs on the x axis), add its legend and write it as a PNG."""
-    ax.set_xlabel("epochs")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+def plot_accuracy_over_time(jobs: list[Job], swept: list[str], path: Path) -> Path | None:
+    """Validation accuracy after each epoch against wall-clock seconds since training started, one line per
+    job (parameter-server runs record it: ``accuracy_timeline``), its test accuracy a star at its end; None
+    when no job has a timeline."""
+    timelines = [job for job in jobs if job.status == "completed" and job.metrics.get("accuracy_timeline")]
+    if not timelines:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for job in timelines:
+        label = ", ".join(f"{k}={job.overrides.get(k, '')}" for k in swept) or job.name
+        seconds, accuracy = zip(*job.metrics["accuracy_timeline"], strict=True)
+        line = ax.plot(seconds, accuracy, "o-", label=f"{label} (validation)")[0]
+        if isinstance(job.metrics.get("test/acc"), (int, float)):
+            ax.plot([seconds[-1]], [job.metrics["test/acc"]], "*", markersize=12, color=line.get_color())
+    ax.set_xlim(left=0)
+    title = "Validation accuracy per epoch against wall-clock time (stars: test)"
+    return _save(fig, ax, "accuracy", title, path, "seconds since training started")
+
+
+def _save(fig: plt.Figure, ax: plt.Axes, ylabel: str, title: str, path: Path, xlabel: str = "epochs") -> Path:
+    """Label a plot (whole epochs on an epochs axis), add its legend and write it as a PNG."""
+    ax.set_xlabel(xlabel)
+    if xlabel == "epochs":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -267,6 +291,9 @@ def summarize_sweep(sweep_dir: str | Path) -> SweepSummary:
         files += write_setting_tables(jobs, swept, sweep_dir)
     files.append(plot_time(jobs, swept, sweep_dir / "time_vs_epochs.png"))
     files.append(plot_accuracy(jobs, swept, sweep_dir / "accuracy_vs_epochs.png"))
+    over_time = plot_accuracy_over_time(jobs, swept, sweep_dir / "accuracy_vs_time.png")
+    if over_time is not None:
+        files.append(over_time)
     return SweepSummary(jobs, swept, files)
 
 

@@ -280,6 +280,9 @@ def _fit_results(trainer: L.Trainer) -> dict[str, Any]:
                 out[f"best_{checkpoint.monitor}"] = float(checkpoint.best_model_score)
     if trainer.logger is not None and trainer.logger.log_dir:
         out["tensorboard_dir"] = trainer.logger.log_dir
+    run_metrics = getattr(trainer.strategy, "run_metrics", None)  # the parameter server's mode, throughput...
+    if callable(run_metrics):
+        out.update(run_metrics())
     return out
 
 

@@ -3,6 +3,7 @@
     python experiments/benchmark.py pipeline [--batches N] [--repeats R] [--train-size N] [--warmup-batches N]
     python experiments/benchmark.py strategies [--steps N] [--repeats R] [--warmup-steps N] [--processes P]
     python experiments/benchmark.py server-load [--workers N] [--params P] [--seconds S] [--repeats R]
+    python experiments/benchmark.py ps-modes [--slowdown 1.0,2.0] [--staleness S] [--repeats R] [--train-size N]
 
 pipeline: this project's Trainer pipeline against a minimal PyTorch loop doing the same work (one epoch,
 its end and checkpoint included): what the framework costs. Goal: at most 1.10.
@@ -14,6 +15,10 @@ framework adds) and a single process on every core: throughput, and the paramete
 server-load: the real parameter server and a naive sequential server speaking the same protocol to the
 same simulated workers (no model compute): rounds/s, latency, CPU per round of each server and of the
 load generator, and the raw-socket floor of moving those bytes at all.
+
+ps-modes: the parameter server's sync, ssp and async modes with local workers, one of them slowed down
+(default: two workers, the second 2x slower): training samples/s of each and the paired ratios
+async/sync and ssp/sync. Ideal for async: 1.5; ssp is paced by the slow worker once it is S rounds behind.
 
 Every benchmark runs its contenders once per repeat, in a balanced order, and reports the median of the
 paired ratios with their range and a confidence interval for the median (see experiments/bench/stats.py).
@@ -69,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--micro-batches", type=int, default=4, help="micro-batches per worker per round")
     load.add_argument("--processes", type=int, default=4, help="processes hosting the simulated workers")
     load.set_defaults(run=_runner("server_load"))
+
+    m = sub.add_parser("ps-modes", help="sync, ssp and async parameter-server training with a slowed-down worker")
+    m.add_argument("--slowdown", default="1.0,2.0", help="per local worker, how many times slower (default 1.0,2.0)")
+    m.add_argument("--staleness", type=int, default=2, help="ssp's strategy.staleness (default 2)")
+    m.add_argument("--repeats", type=int, default=3, help="paired repeats of the three modes (default 3)")
+    m.add_argument("--train-size", type=int, default=4096, help="training samples: one epoch per measurement")
+    m.add_argument("--batch-size", type=int, default=32, help="micro-batch size (default 32, as data=cifar10)")
+    m.add_argument("--micro-batches", type=int, default=2, help="micro-batches per worker share (accumulation)")
+    m.add_argument("--warmup-steps", type=int, default=4, help="untimed optimizer steps first")
+    m.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: cores / workers)")
+    m.set_defaults(run=_runner("ps_modes"))
     return parser
 
 

@@ -33,12 +33,13 @@ SMOKE_ARGS = {
     "pipeline": ["--batches", "2", "--repeats", "2", "--train-size", "400", "--warmup-batches", "1"],
     "strategies": ["--steps", "2", "--warmup-steps", "1", "--repeats", "1"],
     "server-load": ["--workers", "2", "--seconds", "0.5", "--processes", "1", "--repeats", "1"],
+    "ps-modes": ["--repeats", "1", "--train-size", "512", "--batch-size", "16", "--warmup-steps", "1"],
 }
 
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
-    """The three benchmarks at tiny sizes, run at the same time: on 2 cores most of each run is one process
+    """The four benchmarks at tiny sizes, run at the same time: on 2 cores most of each run is one process
     starting (imports) or waiting on another, so together they take little longer than the longest alone.
     Returns each one's exit status, stdout and stderr, once every process they started is gone."""
     before = project_processes()
@@ -201,6 +202,19 @@ def test_server_load_benchmark(smoke_runs):
 
 
 # --- the statistics every benchmark reports ----------------------------------------------------------------
+
+
+def test_ps_modes_benchmark(smoke_runs):
+    """sync, ssp and async with the second worker 2x slower: the figures of each mode, the paired ratios, and
+    the staleness each mode had (none in sync)."""
+    figures = figures_of(smoke_runs, "ps-modes")
+    assert set(figures["samples_per_s"]) == {"sync", "ssp", "async"}
+    assert all(v > 0 for v in figures["samples_per_s"].values())
+    for ratio in ("async_vs_sync", "ssp_vs_sync"):
+        check_paired(figures["paired_ratios"][ratio], repeats=1)
+        assert figures[ratio] == figures["paired_ratios"][ratio]["median"]
+    assert figures["staleness_mean"]["sync"] == 0 and figures["staleness_mean"]["async"] > 0
+    assert "ssp: " in smoke_runs["ps-modes"][1] and "async / sync: median" in smoke_runs["ps-modes"][1]
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 6])

@@ -205,6 +205,7 @@ def test_summarize_script_exit_codes(tmp_path):
     [
         ("epoch_sweep", {"trainer.max_epochs": "range(1,6)"}),
         ("compare_networks", {"model": "cnn,legacy", "trainer.max_epochs": "1,2,3"}),
+        ("ps_modes", {"strategy.mode": "sync,ssp,async"}),
     ],
 )
 def test_named_experiments_set_their_sweep(tmp_path, experiment, swept):
@@ -217,3 +218,35 @@ def test_named_experiments_set_their_sweep(tmp_path, experiment, swept):
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert dict(cfg.hydra.sweeper.params) == swept
     assert compose_config(tmp_path, [f"experiment={experiment}"]).model.arch == "cnn"
+
+
+def test_a_parameter_server_sweep_gets_throughput_and_staleness_columns_and_accuracy_over_time(tmp_path):
+    """What experiment=ps_modes writes: samples/s and mean staleness per job, and validation accuracy per epoch
+    against wall-clock time (test accuracy at the end) for each mode."""
+    sweep = tmp_path / "sweep"
+    for i, (mode, speed, staleness) in enumerate([("sync", 400.0, 0.0), ("async", 580.0, 1.4)]):
+        timeline = [[10.0 * (e + 1) * (1 if mode == "sync" else 0.7), 0.5 + 0.1 * e] for e in range(3)]
+        metrics = {
+            "status": "completed",
+            "epochs": 3,
+            "train_seconds": timeline[-1][0],
+            "test/acc": 0.75,
+            "samples_per_s": speed,
+            "staleness_mean": staleness,
+            "accuracy_timeline": timeline,
+        }
+        _fixture_job(sweep, f"{i}_strategy.mode={mode}", [f"strategy.mode={mode}"], metrics)
+    summary = summarize_sweep(sweep)
+    rows = _rows(sweep)
+    assert [(r["strategy.mode"], r["samples_per_s"], r["staleness_mean"]) for r in rows] == [
+        ("sync", "400.0", "0.0"),
+        ("async", "580.0", "1.4"),
+    ]
+    assert list(rows[0])[-1] == "error"
+    plot = sweep / "accuracy_vs_time.png"
+    assert plot in summary.files and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a sweep without parameter-server jobs keeps its columns and gets no such plot
+    other = tmp_path / "other"
+    _fixture_job(other, "0_x", ["trainer.max_epochs=1"], {"status": "completed", "epochs": 1, "test/acc": 0.3})
+    assert not summarize_sweep(other).files[-1].name.startswith("accuracy_vs_time")
+    assert "samples_per_s" not in _rows(other)[0]

@@ -38,9 +38,18 @@ class LocalWorkers:
     MAX_RESTARTS = 2  # per worker, for one that ends before it has joined
 
     def __init__(
-        self, count: int, spec: Path, address: str, log_dir: Path, threads: int, secret: bytes | None = None
+        self,
+        count: int,
+        spec: Path,
+        address: str,
+        log_dir: Path,
+        threads: int,
+        secret: bytes | None = None,
+        slowdown: list[float] | None = None,
     ) -> None:
         self.count, self.spec, self.address, self.log_dir, self.threads = count, spec, address, log_dir, threads
+        # worker local-i takes slowdown[i] times as long per assignment (an experiment tool: stragglers on demand)
+        self.slowdown = {f"local-{i}": factor for i, factor in enumerate(slowdown or []) if factor != 1.0}
         self.env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         if secret is not None:
             self.env[SECRET_ENV] = secret.decode()
@@ -62,6 +71,7 @@ class LocalWorkers:
             name,
             "--parent-pid",
             str(os.getpid()),
+            *(["--slowdown", str(self.slowdown[name])] if name in self.slowdown else []),
         ]
 
     def log_path(self, name: str) -> Path:

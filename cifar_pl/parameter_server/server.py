@@ -169,6 +169,7 @@ class RoundResult:
     reassigned_samples: int
     timings: dict[str, float]
     skipped_samples: int = 0  # in micro-batches left out under rejection_policy="skip"
+    accepted: int = 0  # contributions (gradients) that went into it
 
 
 class ParameterServer:
@@ -582,6 +583,7 @@ class _Round:
             self.reassigned,
             timings,
             skipped_samples=self.skipped_samples,
+            accepted=len(self.used),
         )
 
     def assign(self, conn: Connection, positions: range) -> None:

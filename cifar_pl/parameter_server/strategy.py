@@ -8,6 +8,10 @@ Lightning calls after zeroing the gradients) writes their sample-weighted averag
 Lightning's own optimizer step then clips it and steps AdamW and OneCycleLR. Validation, test, logging and
 checkpoints are Lightning's, once, on the central model. The number of rounds per epoch is fixed by the
 planned worker count, so the learning-rate schedule is the same however many workers come and go.
+
+That is ``mode="sync"``. In ``async`` and ``ssp`` (``pipeline.py``) a training "batch" is one optimizer
+step of a pipeline that keeps the workers busy across steps: in async one worker's share of a round, in
+ssp a round whose shares may have been computed up to ``staleness`` steps earlier.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ from cifar_pl.files import write_json
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.accounting import SampleAccounting
 from cifar_pl.parameter_server.launch import LocalWorkers
+from cifar_pl.parameter_server.pipeline import MODES, Pipeline, StalenessStats, TickPlan, async_ticks, tick_plans
 from cifar_pl.parameter_server.server import (
     REJECTION_POLICIES,
     ParameterServer,
     RejectedMicroBatchError,
+    RoundResult,
     ServerSettings,
     parse_address,
 )
@@ -76,21 +82,46 @@ class RoundLoader:
     worker, a round is what a single process accumulates for one optimizer step.
     """
 
-    def __init__(self, batches: Any, workers: int, micro_batches: int, position: Callable[[], tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        batches: Any,
+        workers: int,
+        micro_batches: int,
+        position: Callable[[], tuple[int, int]],
+        mode: str = "sync",
+    ) -> None:
         self.batches, self.workers, self.micro_batches, self.position = batches, workers, micro_batches, position
+        self.mode = mode
         self._resume: tuple[int, int] | None = None
 
-    def __len__(self) -> int:
+    def rounds(self) -> int:
         longest_share = math.ceil(self.batches.dataset_size / self.workers)
         return math.ceil(math.ceil(longest_share / self.batches.batch_size) / self.micro_batches)
+
+    def __len__(self) -> int:
+        """Optimizer steps per epoch: rounds, or in async one per share of each round."""
+        if self.mode == "async":
+            return async_ticks(self.batches.dataset_size, self.workers, self.batches.batch_size, self.micro_batches)
+        return self.rounds()
+
+    def _shares(self, epoch: int) -> list[list[Tensor]]:
+        order = self.batches.permutation(epoch)
+        return [list(torch.split(order[w :: self.workers], self.batches.batch_size)) for w in range(self.workers)]
+
+    def ticks(self, epoch: int) -> list[TickPlan]:
+        """The epoch's optimizer steps' micro-batches, for the async and ssp pipelines."""
+        return tick_plans(self._shares(epoch), self.micro_batches, self.rounds(), self.mode)
 
     def __iter__(self) -> Iterator[RoundPlan]:
         epoch = self.position()[0]
         start = 0
         if self._resume is not None and self._resume[0] == epoch:  # used up only by the epoch it is for
             start, self._resume = self._resume[1], None
-        order = self.batches.permutation(epoch)
-        shares = [list(torch.split(order[w :: self.workers], self.batches.batch_size)) for w in range(self.workers)]
+        if self.mode != "sync":  # the pipeline hands out the epoch's ticks itself (RoundLoader.ticks)
+            for index in range(start, len(self)):
+                yield RoundPlan(epoch, index, [])
+            return
+        shares = self._shares(epoch)
         k = self.micro_batches
         for index in range(start, len(self)):
             yield RoundPlan(epoch, index, [mb for share in shares for mb in share[index * k : (index + 1) * k]])
@@ -103,6 +134,7 @@ class RoundLoader:
             "batch_size": self.batches.batch_size,
             "samples": self.batches.dataset_size,
             "rounds": len(self),
+            "async": int(self.mode == "async"),  # async steps are not a prefix of the epoch's ticks
         }
 
     # Lightning saves and restores these with the fit loop: a server resumed from a checkpoint written
@@ -151,7 +183,10 @@ def _layout_text(layout: dict[str, int]) -> str:
         "batch_size": "data.batch_size",
         "samples": "training samples",
     }
-    return ", ".join(f"{names[k]}={v}" for k, v in layout.items() if k in names)
+    text = ", ".join(f"{names[k]}={v}" for k, v in layout.items() if k in names)
+    if "async" in layout:
+        text += f", strategy.mode={'async' if layout['async'] else 'sync or ssp'}"
+    return text
 
 
 def is_loopback(host: str) -> bool:
@@ -225,6 +260,9 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         rejection_policy: str = "stop",
         max_rejections: int = 3,
         allow_insecure: bool = False,
+        mode: str = "sync",
+        staleness: int = 2,
+        worker_slowdown: list[float] | None = None,
         device: str | None = None,
     ) -> None:
         super().__init__(device=device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
@@ -247,6 +285,36 @@ class ParameterServerStrategy(SingleDeviceStrategy):
                 f"strategy.max_rejections={max_rejections}, strategy.max_strikes={max_strikes} and "
                 f"strategy.frame_timeout={frame_timeout} must all be positive"
             )
+        if mode not in MODES:
+            raise ConfigurationError(
+                f"strategy.mode={mode!r} is not one of {', '.join(MODES)}: sync waits for every share of a round, "
+                f"async applies each worker's contribution as it arrives, ssp lets workers run up to "
+                f"strategy.staleness rounds ahead"
+            )
+        if not isinstance(staleness, int) or isinstance(staleness, bool) or staleness < 0:
+            raise ConfigurationError(
+                f"strategy.staleness={staleness!r} must be a whole number of rounds, 0 or more (0 is sync)"
+            )
+        slowdown = [float(x) for x in worker_slowdown or []]
+        if worker_slowdown is not None and (
+            role != "local" or len(slowdown) > workers or not all(math.isfinite(x) and x >= 1.0 for x in slowdown)
+        ):
+            raise ConfigurationError(
+                f"strategy.worker_slowdown={list(worker_slowdown)!r}: an experiment tool for local workers "
+                f"(strategy.role=local), one factor of at least 1.0 per worker (at most strategy.workers={workers} "
+                f"of them): worker i sleeps so that each assignment takes that many times as long, e.g. "
+                f"strategy.worker_slowdown=[1.0,2.0]"
+            )
+        self.mode, self.staleness, self.worker_slowdown = mode, staleness, slowdown
+        self.pipeline: Pipeline | None = None
+        self.staleness_stats = StalenessStats()
+        self._loader: RoundLoader | None = None
+        self._reassigned_total = 0  # samples reassigned in this process's steps (telemetry)
+        self._threads_outside_training: int | None = None
+        self._step_started = self._training_seconds = 0.0
+        self._training_samples = 0
+        self._fit_started: float | None = None
+        self.accuracy_timeline: list[list[float]] = []  # [seconds since training started, val/acc] per epoch
         self.secret_file, self.worker_threads, self.allow_insecure = secret_file, worker_threads, allow_insecure
         self.join_timeout, self.resume, self.reconnect_timeout = join_timeout, resume, reconnect_timeout
         self.settings = ServerSettings(
@@ -306,12 +374,14 @@ class ParameterServerStrategy(SingleDeviceStrategy):
                 "the parameter-server strategy needs a training DataLoader whose sampler yields batches of sample "
                 "indices (cifar_pl.data.ImageDataModule's): the server hands out indices, never images"
             )
-        return RoundLoader(
+        self._loader = RoundLoader(
             batches,
             self.workers,
             self.micro_batches_per_worker,
             lambda: (trainer.current_epoch, batches_processed(trainer)),
+            self.mode,
         )
+        return self._loader
 
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         return batch if isinstance(batch, RoundPlan) else super().batch_to_device(batch, device, dataloader_idx)
@@ -338,9 +408,41 @@ class ParameterServerStrategy(SingleDeviceStrategy):
                 f"strategy.join_timeout."
             )
         log.info("parameter server: %d worker(s) joined; training starts", joined)
+        self._server_threads(training=True)
+        self._fit_started = time.perf_counter()
+
+    def _server_threads(self, training: bool) -> None:
+        """async and ssp: while training, the server steps and averages while its workers compute, on the same
+        cores; with several intra-op threads (which spin while they wait) it takes the workers' CPU and its
+        own work slows down many times (measured: 7 ms between steps with one thread, 310 ms with two, two
+        local workers on 2 cores). So it trains on one thread, and validates on all of them (workers idle)."""
+        if self.mode == "sync":
+            return
+        if training:
+            if self._threads_outside_training is None:
+                self._threads_outside_training = torch.get_num_threads()
+            torch.set_num_threads(1)
+        elif self._threads_outside_training is not None:
+            torch.set_num_threads(self._threads_outside_training)
+            self._threads_outside_training = None
+
+    def on_validation_start(self) -> None:
+        self._server_threads(training=False)
+        super().on_validation_start()
+
+    def on_validation_end(self) -> None:
+        super().on_validation_end()
+        trainer = self.classifier.trainer
+        accuracy = trainer.callback_metrics.get("val/acc")
+        if self._fit_started is not None and not trainer.sanity_checking and accuracy is not None:
+            self.accuracy_timeline.append([round(time.perf_counter() - self._fit_started, 3), float(accuracy)])
+        self._server_threads(training=trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking)
 
     def training_step(self, plan: RoundPlan, batch_idx: int) -> Tensor | None:
         assert self.server is not None
+        self._step_started = time.perf_counter()
+        if self.mode != "sync":
+            return self._pipelined_step(plan, batch_idx)
         module = self.classifier
         started = time.perf_counter()
         if self._round_ended is not None and batch_idx > 0 and self.round_timings:
@@ -365,13 +467,78 @@ class ParameterServerStrategy(SingleDeviceStrategy):
                 f"written as the run stops (callbacks.last_checkpoint), so it can go on from there with "
                 f"ckpt_path=<run directory>/checkpoints/last.ckpt and the changed setting.",
             ) from None
+        self.staleness_stats.add([0] * result.accepted)  # a sync round computes on the newest parameters only
+        return self._apply(result, batch_idx)
+
+    def _apply(self, result: RoundResult, batch_idx: int) -> Tensor | None:
+        """Hand a complete step's gradient to Lightning's optimizer step, and its statistics to the module."""
+        module = self.classifier
         self.round_timings.append(result.timings)
-        self._round_ended = time.perf_counter()
+        now = time.perf_counter()
+        # training time (not validation): from the previous step's end within an epoch, else this step's start
+        since = self._round_ended if batch_idx > 0 and self._round_ended is not None else self._step_started
+        self._training_seconds += now - since
+        self._training_samples += result.samples
+        self._round_ended = now
+        self._reassigned_total += result.reassigned_samples
+        if module._writes_step_metrics(batch_idx):
+            self._log_telemetry(module, result)
         if not result.samples:  # every micro-batch of the round was skipped: no gradient, no optimizer step
             return None
         self._gradient = result.gradient
         module.training_batch_done(result.loss_sum, result.correct, result.samples, batch_idx)
         return torch.tensor(result.loss_sum / result.samples)
+
+    def _pipelined_step(self, plan: RoundPlan, batch_idx: int) -> Tensor | None:
+        """async and ssp: the pipeline keeps the workers busy across steps and gives back the next step."""
+        assert self.server is not None and self._loader is not None
+        module = self.classifier
+        if self.pipeline is None:
+            self.pipeline = Pipeline(
+                self.server, self.mode, self.staleness, self.workers, self.micro_batches_per_worker
+            )
+        pipeline = self.pipeline
+        started = time.perf_counter()
+        if self._round_ended is not None and batch_idx > 0 and self.round_timings:
+            self.round_timings[-1]["step"] = started - self._round_ended
+        if pipeline.epoch != plan.epoch:
+            restored = (self._restored or {}).get("applied") or {}
+            if restored.get("epoch") == plan.epoch:
+                applied = {int(t) for t in restored["ticks"]}
+            else:  # a prefix: a fresh epoch, or one resumed from a sync or ssp checkpoint
+                applied = set(range(batches_processed(module.trainer)))
+            pipeline.start_epoch(plan.epoch, self._loader.ticks(plan.epoch), applied)
+        try:
+            tick = pipeline.step(version=module.trainer.global_step)
+        except RejectedMicroBatchError as error:
+            raise RejectedMicroBatchError(
+                error.epoch,
+                error.round,
+                error.position,
+                error.indices,
+                error.reasons,
+                f"(Here the round is step {error.round} of epoch {plan.epoch} in strategy.mode={self.mode}.) "
+                f"last.ckpt is written as the run stops (callbacks.last_checkpoint), so it can go on from there "
+                f"with ckpt_path=<run directory>/checkpoints/last.ckpt and the changed setting.",
+            ) from None
+        self.staleness_stats.add(tick.staleness)
+        return self._apply(tick.result, batch_idx)
+
+    def _log_telemetry(self, module: ImageClassifier, result: RoundResult) -> None:
+        """The server's state beside the training curves, on the steps whose metrics are written anyway."""
+        assert self.server is not None
+        server = self.server
+        mean, worst = self.staleness_stats.recent()
+        values = {
+            "ps/live_workers": float(len(server.live_workers)),
+            "ps/step_ms": result.timings.get("total", 0.0) * 1000,
+            "ps/reassigned_samples": float(self._reassigned_total),
+            "ps/refused_contributions": float(server.event_counts["rejected contribution"]),
+            "ps/staleness_mean": mean,
+            "ps/staleness_max": float(worst),
+        }
+        for name, value in values.items():
+            module.log(name, value, on_step=True, on_epoch=False)
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         """The round's gradient comes from the workers: write it into the central model."""
@@ -386,7 +553,15 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             checkpoint["parameter_server"] = {
                 "accounting": self.server.accounting.state_dict(),
                 "round": self.server.round,
+                "mode": self.mode,
+                "staleness": self.staleness_stats.state_dict(),
             }
+            if self.pipeline is not None and self.pipeline.epoch is not None:
+                # async applies an epoch's steps out of order: which of them a resumed run must not repeat
+                checkpoint["parameter_server"]["applied"] = {
+                    "epoch": self.pipeline.epoch,
+                    "ticks": sorted(self.pipeline.applied),
+                }
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -407,6 +582,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         return checkpoint
 
     def on_train_end(self) -> None:
+        self._server_threads(training=False)
         self._shutdown("training finished")
 
     def on_exception(self, exception: BaseException) -> None:
@@ -456,6 +632,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         if self._restored is not None:
             accounting.load_state_dict(self._restored["accounting"])
             self.server.round = int(self._restored["round"])
+            self.staleness_stats.load_state_dict(self._restored.get("staleness", {}))
             self.server._event("resumed", step=self._restored["step"], checkpoint=self._restored["path"])
         host, port = self.server.start()
         log.info("parameter server listening on %s:%d, planned for %d worker(s)", host, port, self.workers)
@@ -470,6 +647,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
                 run_dir / "parameter_server",
                 threads,
                 secret=secret if generated else None,  # else the workers read the same file or variable
+                slowdown=self.worker_slowdown,
             )
             self.local_workers.start()
 
@@ -498,14 +676,31 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         return path
 
     def _shutdown(self, reason: str) -> None:
-        server, workers = self.server, self.local_workers
-        self.server = self.local_workers = None
+        self._server_threads(training=False)
+        server, workers, pipeline = self.server, self.local_workers, self.pipeline
+        self.server = self.local_workers = self.pipeline = None
+        if server is not None and pipeline is not None:
+            # a run stopped mid-epoch (Ctrl-C, an error) has work out: its answers are awaited, briefly, so that
+            # the workers hear "done" between assignments rather than lose the server in the middle of one
+            pipeline.drain(min(10.0, self.settings.round_timeout))
         if server is not None:
             server.stop(reason)
         exits = workers.stop() if workers is not None else {}
         self.local_workers_restarts = dict(workers.restarts) if workers is not None else {}
         if server is not None and self.lightning_module is not None:
             self._write_report(server, exits)
+
+    def run_metrics(self) -> dict[str, Any]:
+        """For metrics.json (and so a sweep's results table): the mode, training throughput (samples per
+        second of training steps, validation excluded), the mean staleness, and validation accuracy against
+        wall-clock time since training started."""
+        seconds = self._training_seconds
+        return {
+            "ps_mode": self.mode,
+            "samples_per_s": round(self._training_samples / seconds, 2) if seconds else None,
+            "staleness_mean": self.staleness_stats.report()["mean"],
+            "accuracy_timeline": self.accuracy_timeline,
+        }
 
     def round_ms(self) -> dict[str, float]:
         """Median milliseconds per round, over the latest ``ROUND_TIMINGS_KEPT`` rounds: sending parameters
@@ -520,6 +715,9 @@ class ParameterServerStrategy(SingleDeviceStrategy):
 
     def _write_report(self, server: ParameterServer, exits: dict[str, int | None]) -> None:
         report = {
+            "mode": self.mode,
+            **({"staleness_bound": self.staleness} if self.mode == "ssp" else {}),
+            "staleness": self.staleness_stats.report(),
             "address": f"{server.address[0]}:{server.address[1]}",
             "workers_planned": self.workers,
             "micro_batches_per_worker": self.micro_batches_per_worker,

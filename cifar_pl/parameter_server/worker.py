@@ -56,6 +56,7 @@ class WorkerSettings:
     frame_timeout: float = 60.0
     handshake_timeout: float = 30.0
     max_frame: int = 256 * 1024 * 1024
+    slowdown: float = 1.0  # an experiment tool: each assignment takes this many times as long (by sleeping)
 
 
 def data_fingerprint(datamodule: Any) -> dict[str, Any]:
@@ -184,7 +185,11 @@ class Worker:
                 self.flat.load_params(params)
                 self.flat.load_buffers(floats, ints)
             elif message.type == MessageType.ASSIGN:
-                wire.send_message(sock, self.compute(message), s.frame_timeout)
+                started = time.perf_counter()
+                reply = self.compute(message)
+                if s.slowdown > 1.0:
+                    time.sleep((s.slowdown - 1.0) * (time.perf_counter() - started))
+                wire.send_message(sock, reply, s.frame_timeout)
             elif message.type == MessageType.DONE:
                 log.info("worker %s: the server finished (%s)", s.name, message.meta.get("reason", ""))
                 return EXIT_DONE
@@ -290,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", required=True, help="HOST:PORT of the server")
     parser.add_argument("--name", default="", help="how the server's log names this worker")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    parser.add_argument("--slowdown", type=float, default=1.0, help="take this many times as long per assignment")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     if args.parent_pid:
@@ -303,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         secret = wire.load_secret(spec.get("secret_file"))
         module, datamodule = build_from_spec(spec)
-        settings = WorkerSettings(args.address, args.name, secret, **spec.get("timeouts", {}))
+        settings = WorkerSettings(args.address, args.name, secret, slowdown=args.slowdown, **spec.get("timeouts", {}))
         return Worker(module, datamodule, spec["precision"], settings).run()
     except (wire.ProtocolError, ConnectionError, OSError, ConfigurationError) as error:
         log.error("worker %s stops: %s", args.name, error)
