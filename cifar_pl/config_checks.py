@@ -166,6 +166,11 @@ TRAIN_RULES: dict[str, Rule] = {
     "strategy.max_frame_mb": whole(1, "MiB"),
     "strategy.max_pending_handshakes": whole(1, "connections"),
     "strategy.resume": BOOLEAN,
+    # both engines: parameter_server takes none, bf16, fp16, topk; ddp takes none, bf16, fp16, powersgd
+    "strategy.compression": one_of("none", "bf16", "fp16", "topk", "powersgd"),
+    "strategy.topk_ratio": number_in(0, 1, False, True, "the share of gradient entries topk sends"),
+    "strategy.powersgd_rank": whole(1, "the rank of PowerSGD's low-rank approximation"),
+    "strategy.powersgd_start_step": whole(2, "optimizer steps of plain all-reduce before PowerSGD starts"),
 }
 
 EVALUATE_RULES: dict[str, Rule] = {

@@ -37,6 +37,7 @@ from cifar_pl.errors import ConfigurationError
 from cifar_pl.files import write_json
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.accounting import SampleAccounting
+from cifar_pl.parameter_server.compression import METHODS, Compression
 from cifar_pl.parameter_server.launch import LocalWorkers
 from cifar_pl.parameter_server.server import (
     REJECTION_POLICIES,
@@ -226,6 +227,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         max_rejections: int = 3,
         allow_insecure: bool = False,
         device: str | None = None,
+        compression: str = "none",
+        topk_ratio: float = 0.01,
     ) -> None:
         super().__init__(device=device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         if role not in ROLES:
@@ -247,6 +250,11 @@ class ParameterServerStrategy(SingleDeviceStrategy):
                 f"strategy.max_rejections={max_rejections}, strategy.max_strikes={max_strikes} and "
                 f"strategy.frame_timeout={frame_timeout} must all be positive"
             )
+        if compression not in METHODS or not 0 < topk_ratio <= 1:
+            raise ConfigurationError(
+                f"strategy.compression={compression!r} with strategy.topk_ratio={topk_ratio!r}: the compression is "
+                f"one of {', '.join(METHODS)} and topk_ratio, the share of gradient entries topk sends, is in (0, 1]"
+            )
         self.secret_file, self.worker_threads, self.allow_insecure = secret_file, worker_threads, allow_insecure
         self.join_timeout, self.resume, self.reconnect_timeout = join_timeout, resume, reconnect_timeout
         self.settings = ServerSettings(
@@ -261,12 +269,16 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             max_strikes=max_strikes,
             rejection_policy=rejection_policy,
             max_rejections=max_rejections,
+            compression=Compression(compression, topk_ratio),
         )
         self.micro_batches_per_worker = 1
         self.server: ParameterServer | None = None
         self.local_workers: LocalWorkers | None = None
         # the latest rounds' timings, for the report's medians: bounded, however long the run
         self.round_timings: collections.deque[dict[str, float]] = collections.deque(maxlen=ROUND_TIMINGS_KEPT)
+        # bytes on the wire per round (to the workers, from them: all of them together), for the same medians
+        self.round_bytes: collections.deque[tuple[int, int]] = collections.deque(maxlen=ROUND_TIMINGS_KEPT)
+        self._bytes_counted = (0, 0)  # the server's byte counters when the last round's bytes were taken
         self._gradient: Tensor | None = None
         self._round_ended: float | None = None
         self._restored: dict[str, Any] | None = None  # the server's state from the checkpoint resumed from
@@ -366,12 +378,26 @@ class ParameterServerStrategy(SingleDeviceStrategy):
                 f"ckpt_path=<run directory>/checkpoints/last.ckpt and the changed setting.",
             ) from None
         self.round_timings.append(result.timings)
+        self._count_round_bytes(batch_idx)
         self._round_ended = time.perf_counter()
         if not result.samples:  # every micro-batch of the round was skipped: no gradient, no optimizer step
             return None
         self._gradient = result.gradient
         module.training_batch_done(result.loss_sum, result.correct, result.samples, batch_idx)
         return torch.tensor(result.loss_sum / result.samples)
+
+    def _count_round_bytes(self, batch_idx: int) -> None:
+        """The bytes the last round moved, from the server's counters (frames queued to the workers' sockets,
+        bytes read from them), for the report's medians and TensorBoard (when step metrics are written)."""
+        assert self.server is not None
+        module = self.classifier
+        now = (self.server.bytes_to_workers, self.server.bytes_from_workers)
+        to_workers, from_workers = now[0] - self._bytes_counted[0], now[1] - self._bytes_counted[1]
+        self._bytes_counted = now
+        self.round_bytes.append((to_workers, from_workers))
+        if module._writes_step_metrics(batch_idx):
+            module.log("parameter_server/bytes_to_workers", float(to_workers), on_step=True, on_epoch=False)
+            module.log("parameter_server/bytes_from_workers", float(from_workers), on_step=True, on_epoch=False)
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         """The round's gradient comes from the workers: write it into the central model."""
@@ -518,6 +544,16 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             if any(key in t for t in self.round_timings)
         }
 
+    def bytes_per_round(self) -> dict[str, float] | None:
+        """Median bytes on the wire per round over the latest ``ROUND_TIMINGS_KEPT`` rounds, all workers
+        together: parameters and assignments to the workers, gradients and statistics from them."""
+        if not self.round_bytes:
+            return None
+        return {
+            "to_workers": statistics.median(b[0] for b in self.round_bytes),
+            "from_workers": statistics.median(b[1] for b in self.round_bytes),
+        }
+
     def _write_report(self, server: ParameterServer, exits: dict[str, int | None]) -> None:
         report = {
             "address": f"{server.address[0]}:{server.address[1]}",
@@ -525,6 +561,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             "micro_batches_per_worker": self.micro_batches_per_worker,
             "rounds": server.round,
             "round_ms_median": self.round_ms(),
+            "compression": self.settings.compression.to_meta(),
+            "bytes_per_round": self.bytes_per_round(),
             "local_worker_exit_codes": exits,
             "local_worker_restarts": self.local_workers_restarts,
             "rounds_per_worker": dict(server.contributions),
