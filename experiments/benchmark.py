@@ -3,6 +3,7 @@
     python experiments/benchmark.py pipeline [--batches N] [--repeats R] [--train-size N] [--warmup-batches N]
     python experiments/benchmark.py strategies [--steps N] [--repeats R] [--warmup-steps N] [--processes P]
     python experiments/benchmark.py server-load [--workers N] [--params P] [--seconds S] [--repeats R]
+                                                [--compression none|bf16|fp16|topk] [--topk-ratio F]
 
 pipeline: this project's Trainer pipeline against a minimal PyTorch loop doing the same work (one epoch,
 its end and checkpoint included): what the framework costs. Goal: at most 1.10.
@@ -13,7 +14,9 @@ framework adds) and a single process on every core: throughput, and the paramete
 
 server-load: the real parameter server and a naive sequential server speaking the same protocol to the
 same simulated workers (no model compute): rounds/s, latency, CPU per round of each server and of the
-load generator, and the raw-socket floor of moving those bytes at all.
+load generator, and the raw-socket floor of moving those bytes at all; with ``--compression``, every server
+gets the workers' gradients so encoded (the raw floor moves the encoded size), and the bytes per round on the
+wire are reported.
 
 Every benchmark runs its contenders once per repeat, in a balanced order, and reports the median of the
 paired ratios with their range and a confidence interval for the median (see experiments/bench/stats.py).
@@ -68,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--repeats", type=int, default=6, help="paired repeats of the three servers")
     load.add_argument("--micro-batches", type=int, default=4, help="micro-batches per worker per round")
     load.add_argument("--processes", type=int, default=4, help="processes hosting the simulated workers")
+    load.add_argument(
+        "--compression",
+        choices=("none", "bf16", "fp16", "topk"),  # cifar_pl.parameter_server.compression.METHODS (no torch here)
+        default="none",
+        help="how the simulated workers encode their gradients (strategy.compression)",
+    )
+    load.add_argument("--topk-ratio", type=float, default=0.01, help="with --compression topk: the share sent")
     load.set_defaults(run=_runner("server_load"))
     return parser
 
