@@ -223,6 +223,29 @@ def check_workers(cfg: DictConfig) -> None:
         )
 
 
+# the gradient compressions each engine has (cifar_pl.parameter_server.compression.METHODS and
+# cifar_pl.ddp.COMM_HOOKS, spelt out: importing them pulls in torch)
+PS_TARGET, DDP_TARGET = "cifar_pl.parameter_server.strategy.ParameterServerStrategy", "cifar_pl.ddp.SpawnDDPStrategy"
+ENGINE_COMPRESSIONS = {
+    PS_TARGET: ("parameter_server", ("none", "bf16", "fp16", "topk")),
+    DDP_TARGET: ("ddp", ("none", "fp16", "bf16", "powersgd")),
+}
+
+
+def check_compression(cfg: DictConfig) -> None:
+    """``strategy.compression`` names one the chosen engine has (topk is the parameter server's, powersgd DDP's)."""
+    engine = ENGINE_COMPRESSIONS.get(str(select(cfg, "strategy._target_")))
+    compression = select(cfg, "strategy.compression")
+    if engine is not None and compression is not _ABSENT and compression not in engine[1]:
+        other = "strategy=ddp" if compression == "powersgd" else "strategy=parameter_server"
+        raise invalid_setting(
+            "strategy.compression",
+            compression,
+            f"one of {', '.join(engine[1])} with strategy={engine[0]}",
+            f"({compression} exists only with {other}.)" if compression in ("topk", "powersgd") else "",
+        )
+
+
 # --- keys the configured component does not take -------------------------------------------------------------
 
 
@@ -356,6 +379,7 @@ def check_train_config(cfg: DictConfig) -> None:
     check_rules(cfg, TRAIN_RULES)
     check_split_sizes(cfg)
     check_workers(cfg)
+    check_compression(cfg)
     check_keys(cfg)
     check_folder(cfg, "data.root")
     check_file(

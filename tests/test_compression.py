@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cifar_pl.ddp import register_comm_hook
+from cifar_pl.errors import ConfigurationError
 from cifar_pl.models import build_network
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.compression import Compression, GradientDecoder, GradientEncoder, fp16_scale
@@ -258,6 +259,27 @@ def test_a_bf16_run_reports_its_bytes_per_round_and_its_model_stays_finite(tmp_p
     logged = scalars["parameter_server/bytes_from_workers"]
     assert len(logged) == result["global_step"] and all(2 * n < value < 2 * n * 1.05 for _, value in logged)
     assert "parameter_server/bytes_to_workers" in scalars
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (
+            ["strategy=parameter_server", "strategy.compression=powersgd"],
+            "one of none, bf16, fp16, topk with strategy=parameter_server. (powersgd exists only with strategy=ddp.)",
+        ),
+        (["strategy=parameter_server", "strategy.topk_ratio=1.5"], "strategy.topk_ratio=1.5 is not valid"),
+        (["strategy=ddp", "strategy.compression=topk"], "one of none, fp16, bf16, powersgd with strategy=ddp"),
+    ],
+)
+def test_a_compression_the_engine_does_not_have_is_one_paragraph(tmp_path, overrides, says):
+    cfg = compose_config(tmp_path, [*TINY_SYNTHETIC, *overrides])
+    with pytest.raises(ConfigurationError) as caught:
+        train(cfg)
+    assert says in str(caught.value) and "\n" not in str(caught.value)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["status"] == "failed" and str(caught.value) in record["error"]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything was built
 
 
 # --- DDP's communication hooks on gloo ---------------------------------------------------------------------------

@@ -250,10 +250,14 @@ class ParameterServerStrategy(SingleDeviceStrategy):
                 f"strategy.max_rejections={max_rejections}, strategy.max_strikes={max_strikes} and "
                 f"strategy.frame_timeout={frame_timeout} must all be positive"
             )
-        if compression not in METHODS or not 0 < topk_ratio <= 1:
+        if compression not in METHODS:
             raise ConfigurationError(
-                f"strategy.compression={compression!r} with strategy.topk_ratio={topk_ratio!r}: the compression is "
-                f"one of {', '.join(METHODS)} and topk_ratio, the share of gradient entries topk sends, is in (0, 1]"
+                f"strategy.compression={compression!r} is not one the parameter server has: it takes "
+                f"{', '.join(METHODS)} (powersgd is a DDP communication hook: strategy=ddp)"
+            )
+        if not 0 < topk_ratio <= 1:
+            raise ConfigurationError(
+                f"strategy.topk_ratio={topk_ratio!r} must be in (0, 1]: the share of gradient entries topk sends"
             )
         self.secret_file, self.worker_threads, self.allow_insecure = secret_file, worker_threads, allow_insecure
         self.join_timeout, self.resume, self.reconnect_timeout = join_timeout, resume, reconnect_timeout
