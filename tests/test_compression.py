@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,13 @@ from cifar_pl.ddp import register_comm_hook
 from cifar_pl.errors import ConfigurationError
 from cifar_pl.models import build_network
 from cifar_pl.parameter_server import protocol as wire
-from cifar_pl.parameter_server.compression import Compression, GradientDecoder, GradientEncoder, fp16_scale
+from cifar_pl.parameter_server.compression import (
+    Compression,
+    GradientDecoder,
+    GradientEncoder,
+    fp16_scale,
+    largest,
+)
 from cifar_pl.parameter_server.packing import FlatState
 from cifar_pl.parameter_server.protocol import Message, MessageType
 from cifar_pl.training import train
@@ -63,6 +70,15 @@ def test_topk_error_feedback_sends_every_part_of_every_gradient_eventually():
     for _ in range(n // 30 + 1):  # nothing new: every held-back entry goes out in turn
         sent_sum += round_trip(encoder, decoder, torch.zeros(n))
     assert torch.equal(sent_sum, true_sum) and not encoder.residual.any()
+
+
+def test_the_sampled_topk_picks_exactly_what_torch_topk_picks():
+    generator = torch.Generator().manual_seed(2)
+    magnitude = torch.randn(300_000, generator=generator).abs()
+    assert torch.equal(largest(magnitude, 3000).sort().values, torch.topk(magnitude, 3000).indices.sort().values)
+    ties = torch.randint(0, 4, (300_000,), generator=generator).float()  # a quarter of the entries tie at the top
+    picked = largest(ties, 3000)
+    assert picked.unique().numel() == 3000 and bool((ties[picked] == 3).all())
 
 
 def test_a_non_finite_gradient_reaches_the_server_as_such_and_leaves_the_residual_as_it_was():
@@ -203,6 +219,9 @@ def test_a_server_refuses_malformed_topk_frames_and_the_round_uses_only_good_gra
     assert result.samples == 64 and result.workers == [c.name for c in server.live_workers if "good" in c.name]
     assert result.gradient.nonzero().flatten().tolist() == list(range(15, 21))  # the good worker's top 6
     assert any(e["event"] == "rejected contribution" and "malformed gradient" in e["reason"] for e in server.events)
+    deadline = time.monotonic() + 5  # the refusal reaches the worker's thread after the round may have ended
+    while not bad.errors and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert any("malformed gradient" in reason for reason in bad.errors)
     assert server.accounting.report()[0]["every_sample_exactly_once"]
 
