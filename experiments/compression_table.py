@@ -3,9 +3,10 @@ round and accuracy, as Markdown (also written to ``compression.md`` in the sweep
 
     python experiments/compression_table.py multirun/<date>/<time>
 
-Bytes per round: for the parameter server, the medians ``parameter_server/report.json`` measured on the
-wire (all workers together); for DDP, what each rank hands to the all-reduce per optimizer step, computed
-from the model and the hook (gloo's ring all-reduce then sends and receives about twice that per rank).
+Bytes per optimizer step: for the parameter server, the medians ``parameter_server/report.json`` measured
+on the wire, all workers together (gradients from the workers; parameters and assignments to them); for
+DDP, what the ranks together hand to the gradient all-reduce per step, computed from the model and the
+hook, marked "computed" (gloo's ring all-reduce sends and receives about twice that per rank on the wire).
 Samples/s: training images per epoch over the mean seconds per epoch (validation included).
 """
 
@@ -54,17 +55,18 @@ def row(job: Path) -> dict[str, Any] | None:
     images = int(cfg.data.options.train_size) if cfg.data.dataset == "synthetic" else DATASET_IMAGES[cfg.data.dataset]
     samples = images - int(cfg.data.val_size)
     seconds = metrics.get("seconds_per_epoch")
-    to_workers = from_workers = ""
+    to_workers = gradients = ""
     report_file = job / "parameter_server" / "report.json"
     if report_file.exists():
         moved = json.loads(report_file.read_text()).get("bytes_per_round") or {}
-        to_workers, from_workers = f"{moved.get('to_workers', 0):,.0f}", f"{moved.get('from_workers', 0):,.0f}"
+        gradients, to_workers = f"{moved.get('from_workers', 0):,.0f}", f"{moved.get('to_workers', 0):,.0f}"
     elif engine == "DDP":
         from hydra.utils import instantiate
 
         model = instantiate(cfg.model, _convert_="all")
         per_rank = ddp_bytes_per_step(model, compression, int(cfg.strategy.get("powersgd_rank", 1)))
-        to_workers = from_workers = f"{per_rank:,} per rank (computed)"
+        ranks = int(cfg.trainer.get("devices", 1)) * int(cfg.trainer.get("num_nodes", 1))
+        gradients, to_workers = f"{per_rank * ranks:,} (computed)", "none (no central copy)"
     return {
         "job": job.name.split("_", 1)[0],
         "engine": engine,
@@ -72,8 +74,8 @@ def row(job: Path) -> dict[str, Any] | None:
         "status": metrics.get("status", "?"),
         "epochs": metrics.get("epochs", ""),
         "samples/s": f"{samples / seconds:,.0f}" if seconds else "",
-        "bytes to workers / round": to_workers,
-        "bytes from workers / round": from_workers,
+        "gradient bytes / step": gradients,
+        "bytes to workers / step": to_workers,
         "test acc %": f"{100 * metrics['test/acc']:.2f}" if "test/acc" in metrics else "",
         "best val acc %": f"{100 * metrics['best_val/acc']:.2f}" if "best_val/acc" in metrics else "",
     }
