@@ -331,3 +331,31 @@ def test_ddp_communication_hooks_run_on_gloo_and_shape_the_gradient(gloo_group, 
             assert torch.equal(got, reference.to(half).float()) and not torch.equal(got, reference)
         else:
             assert torch.linalg.matrix_rank(got) == 1 and not torch.allclose(got, reference)
+
+
+# --- the experiment's table ------------------------------------------------------------------------------------
+
+
+def test_the_compression_table_reads_the_measured_bytes_and_computes_ddps(tmp_path):
+    from omegaconf import OmegaConf
+
+    from experiments import compression_table
+
+    sweep = tmp_path / "sweep"
+    jobs = {"0_ps": ["+compression=ps_topk"], "1_ddp": ["+compression=ddp_bf16"]}
+    for name, overrides in jobs.items():
+        job = sweep / name
+        (job / ".hydra").mkdir(parents=True)
+        OmegaConf.save(compose_config(tmp_path, [*TINY_SYNTHETIC, *overrides]), job / ".hydra" / "config.yaml")
+        metrics = {"status": "completed", "epochs": 2, "seconds_per_epoch": 2.0, "test/acc": 0.5, "best_val/acc": 0.25}
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    (sweep / "0_ps" / "parameter_server").mkdir()
+    report = {"bytes_per_round": {"to_workers": 836640, "from_workers": 20784.5}}
+    (sweep / "0_ps" / "parameter_server" / "report.json").write_text(json.dumps(report))
+    assert compression_table.main([str(sweep)]) == 0
+    lines = (sweep / "compression.md").read_text().splitlines()
+    n = sum(p.numel() for p in build_network("cnn", 3, 10).parameters())
+    # 512 synthetic images less 128 held out, over 2 s; DDP's bf16 hook: 2 bytes per parameter from each of 2 ranks
+    assert lines[2] == "| 0 | parameter server | topk 0.01 | completed | 2 | 192 | 20,784 | 836,640 | 50.00 | 25.00 |"
+    ddp = f"| 1 | DDP | bf16 | completed | 2 | 192 | {4 * n:,} (computed) | none (no central copy) | 50.00 | 25.00 |"
+    assert lines[3] == ddp
