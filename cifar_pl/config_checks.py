@@ -166,6 +166,11 @@ TRAIN_RULES: dict[str, Rule] = {
     "strategy.max_frame_mb": whole(1, "MiB"),
     "strategy.max_pending_handshakes": whole(1, "connections"),
     "strategy.resume": BOOLEAN,
+    # both engines: parameter_server takes none, bf16, fp16, topk; ddp takes none, bf16, fp16, powersgd
+    "strategy.compression": one_of("none", "bf16", "fp16", "topk", "powersgd"),
+    "strategy.topk_ratio": number_in(0, 1, False, True, "the share of gradient entries topk sends"),
+    "strategy.powersgd_rank": whole(1, "the rank of PowerSGD's low-rank approximation"),
+    "strategy.powersgd_start_step": whole(2, "optimizer steps of plain all-reduce before PowerSGD starts"),
 }
 
 EVALUATE_RULES: dict[str, Rule] = {
@@ -215,6 +220,29 @@ def check_workers(cfg: DictConfig) -> None:
     if _is_int(workers) and _is_int(least) and least > workers:
         raise invalid_setting(
             "strategy.min_workers", least, f"at most strategy.workers={workers}, the workers a round is planned for"
+        )
+
+
+# the gradient compressions each engine has (cifar_pl.parameter_server.compression.METHODS and
+# cifar_pl.ddp.COMM_HOOKS, spelt out: importing them pulls in torch)
+PS_TARGET, DDP_TARGET = "cifar_pl.parameter_server.strategy.ParameterServerStrategy", "cifar_pl.ddp.SpawnDDPStrategy"
+ENGINE_COMPRESSIONS = {
+    PS_TARGET: ("parameter_server", ("none", "bf16", "fp16", "topk")),
+    DDP_TARGET: ("ddp", ("none", "fp16", "bf16", "powersgd")),
+}
+
+
+def check_compression(cfg: DictConfig) -> None:
+    """``strategy.compression`` names one the chosen engine has (topk is the parameter server's, powersgd DDP's)."""
+    engine = ENGINE_COMPRESSIONS.get(str(select(cfg, "strategy._target_")))
+    compression = select(cfg, "strategy.compression")
+    if engine is not None and compression is not _ABSENT and compression not in engine[1]:
+        other = "strategy=ddp" if compression == "powersgd" else "strategy=parameter_server"
+        raise invalid_setting(
+            "strategy.compression",
+            compression,
+            f"one of {', '.join(engine[1])} with strategy={engine[0]}",
+            f"({compression} exists only with {other}.)" if compression in ("topk", "powersgd") else "",
         )
 
 
@@ -351,6 +379,7 @@ def check_train_config(cfg: DictConfig) -> None:
     check_rules(cfg, TRAIN_RULES)
     check_split_sizes(cfg)
     check_workers(cfg)
+    check_compression(cfg)
     check_keys(cfg)
     check_folder(cfg, "data.root")
     check_file(

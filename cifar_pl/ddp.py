@@ -25,9 +25,11 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.call import _interrupt  # Lightning's own handling of an interrupted fit
 from lightning.pytorch.trainer.states import TrainerStatus
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.multiprocessing.spawn import ProcessException
+from torch.nn.parallel import DistributedDataParallel
 
-from cifar_pl.errors import UserFacingError
+from cifar_pl.errors import ConfigurationError, UserFacingError
 from cifar_pl.runtime import available_cores, quiet_third_party_noise
 from cifar_pl.trainer_state import callbacks_of
 
@@ -124,13 +126,61 @@ class _StateReturningLauncher(_MultiProcessingLauncher):
                 callback.load_state_dict(state["callbacks"][callback.state_key])
 
 
-class SpawnDDPStrategy(DDPStrategy):
-    """DDP (gloo on CPU, NCCL on GPU) with the launching described in the module docstring."""
+COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
 
-    def __init__(self, threads_per_process: int | None = None, **kwargs: Any) -> None:
+
+def register_comm_hook(model: DistributedDataParallel, compression: str, rank: int = 1, start_step: int = 100) -> None:
+    """Register one of torch's DDP communication hooks on ``model``: ``fp16``/``bf16`` all-reduce the
+    gradient buckets in half precision (then divide by the world size and cast back); ``powersgd`` sends a
+    rank-``rank`` approximation of each matrix gradient with error feedback, after ``start_step`` steps of
+    plain all-reduce. ``none`` leaves DDP's float32 all-reduce. All work with gloo on CPU (torch 2.x)."""
+    if compression == "fp16":
+        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif compression == "bf16":
+        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    elif compression == "powersgd":
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=start_step
+        )
+        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    elif compression != "none":
+        raise ValueError(f"no DDP communication hook {compression!r}; one of {', '.join(COMM_HOOKS)}")
+
+
+class SpawnDDPStrategy(DDPStrategy):
+    """DDP (gloo on CPU, NCCL on GPU) with the launching described in the module docstring, and an
+    optional gradient communication hook (``compression``)."""
+
+    def __init__(
+        self,
+        threads_per_process: int | None = None,
+        compression: str = "none",
+        powersgd_rank: int = 1,
+        powersgd_start_step: int = 100,
+        **kwargs: Any,
+    ) -> None:
+        if compression not in COMM_HOOKS:
+            raise ConfigurationError(
+                f"strategy.compression={compression!r} is not a DDP communication hook: strategy=ddp takes "
+                f"{', '.join(COMM_HOOKS)} (topk exists only on strategy=parameter_server)"
+            )
+        if powersgd_rank < 1 or powersgd_start_step < 2:
+            raise ConfigurationError(
+                f"strategy.powersgd_rank={powersgd_rank} must be at least 1 and strategy.powersgd_start_step="
+                f"{powersgd_start_step} at least 2 (PowerSGD's error feedback needs steps of plain all-reduce first)"
+            )
         kwargs["start_method"] = "spawn"
         super().__init__(**kwargs)
         self.threads_per_process = threads_per_process
+        self.compression, self.powersgd_rank, self.powersgd_start_step = compression, powersgd_rank, powersgd_start_step
+
+    def _register_ddp_hooks(self) -> None:
+        """Lightning registers ``ddp_comm_hook`` only on CUDA and ignores it silently on CPU; torch's hooks
+        work with gloo on CPU too, so ours is registered on any device."""
+        super()._register_ddp_hooks()
+        if self.compression != "none":
+            assert isinstance(self.model, DistributedDataParallel)
+            register_comm_hook(self.model, self.compression, self.powersgd_rank, self.powersgd_start_step)
 
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None

@@ -3,6 +3,7 @@
     python experiments/benchmark.py pipeline [--batches N] [--repeats R] [--train-size N] [--warmup-batches N]
     python experiments/benchmark.py strategies [--steps N] [--repeats R] [--warmup-steps N] [--processes P]
     python experiments/benchmark.py server-load [--workers N] [--params P] [--seconds S] [--repeats R]
+                                                [--compression none|bf16|fp16|topk] [--topk-ratio F]
     python experiments/benchmark.py ps-modes [--slowdown 1.0,2.0] [--staleness S] [--repeats R] [--train-size N]
 
 pipeline: this project's Trainer pipeline against a minimal PyTorch loop doing the same work (one epoch,
@@ -14,7 +15,9 @@ framework adds) and a single process on every core: throughput, and the paramete
 
 server-load: the real parameter server and a naive sequential server speaking the same protocol to the
 same simulated workers (no model compute): rounds/s, latency, CPU per round of each server and of the
-load generator, and the raw-socket floor of moving those bytes at all.
+load generator, and the raw-socket floor of moving those bytes at all; with ``--compression``, every server
+gets the workers' gradients so encoded (the raw floor moves the encoded size), and the bytes per round on the
+wire are reported.
 
 ps-modes: the parameter server's sync, ssp and async modes with local workers, one of them slowed down
 (default: two workers, the second 2x slower): training samples/s of each and the paired ratios
@@ -73,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--repeats", type=int, default=6, help="paired repeats of the three servers")
     load.add_argument("--micro-batches", type=int, default=4, help="micro-batches per worker per round")
     load.add_argument("--processes", type=int, default=4, help="processes hosting the simulated workers")
+    load.add_argument(
+        "--compression",
+        choices=("none", "bf16", "fp16", "topk"),  # cifar_pl.parameter_server.compression.METHODS (no torch here)
+        default="none",
+        help="how the simulated workers encode their gradients (strategy.compression)",
+    )
+    load.add_argument("--topk-ratio", type=float, default=0.01, help="with --compression topk: the share sent")
     load.set_defaults(run=_runner("server_load"))
 
     m = sub.add_parser("ps-modes", help="sync, ssp and async parameter-server training with a slowed-down worker")

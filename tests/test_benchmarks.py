@@ -32,7 +32,19 @@ PAIRED_KEYS = {"median", "min", "max", "ci", "ci_coverage", "values"}
 SMOKE_ARGS = {
     "pipeline": ["--batches", "2", "--repeats", "2", "--train-size", "400", "--warmup-batches", "1"],
     "strategies": ["--steps", "2", "--warmup-steps", "1", "--repeats", "1"],
-    "server-load": ["--workers", "2", "--seconds", "0.5", "--processes", "1", "--repeats", "1"],
+    # topk: the gradients the simulated workers send are encoded, and every server decodes them
+    "server-load": [
+        "--workers",
+        "2",
+        "--seconds",
+        "0.5",
+        "--processes",
+        "1",
+        "--repeats",
+        "1",
+        "--compression",
+        "topk",
+    ],
     "ps-modes": ["--repeats", "1", "--train-size", "512", "--batch-size", "16", "--warmup-steps", "1"],
 }
 
@@ -159,6 +171,8 @@ def test_server_load_benchmark(smoke_runs):
         "warmup_growth_mib",
         "copy_bound_rounds_per_s",
         "mib_per_round",
+        "compression",
+        "bytes_per_round",
         "workers",
         "params",
         "rounds",
@@ -195,8 +209,18 @@ def test_server_load_benchmark(smoke_runs):
     else:  # a 99th percentile of fewer than 100 rounds would only be their maximum
         assert figures["p99_ms"] is None
     assert figures["peak_mib"] > 0 and figures["peak_growth_mib"] >= 0 and figures["warmup_growth_mib"] >= 0
-    # 2 workers x (104,362 parameters + 448 BatchNorm statistics in float32 + 3 counters in int64), each way
-    assert figures["params"] == 104_362 and figures["mib_per_round"] == round(2 * 2 * (4 * 104_810 + 24) / 2**20, 2)
+    # 2 workers x (104,362 parameters + 448 BatchNorm statistics in float32 + 3 counters in int64) out; back,
+    # topk's 1,044 int32 indices and float32 values with the same statistics
+    statistics_bytes = 4 * 448 + 24
+    assert figures["params"] == 104_362 and figures["mib_per_round"] == round(
+        2 * (4 * 104_362 + statistics_bytes + 8 * 1_044 + statistics_bytes) / 2**20, 2
+    )
+    assert figures["compression"] == {"method": "topk", "topk_ratio": 0.01}
+    # on the wire, frames add headers and meta (under 1 KiB a worker) to these, and each worker's assignment
+    # (4 micro-batches of 32 int64 sample indices, and their 4 sizes)
+    moved = figures["bytes_per_round"]
+    assert 0 < moved["to_workers"] - 2 * (4 * 104_362 + statistics_bytes + 8 * (4 * 32 + 4)) < 2 * 1024
+    assert 0 < moved["from_workers"] - 2 * (8 * 1_044 + statistics_bytes) < 2 * 1024
     assert figures["copy_bound_rounds_per_s"] > 0
     assert (figures["workers"], figures["seconds_per_window"], figures["repeats"]) == (2, 0.5, 1)
 

@@ -332,6 +332,7 @@ class FrameReader:
         self._end = 0  # how far the buffer is filled
         self._length: int | None = None  # the current frame's payload length, once its header is checked
         self.started: float | None = None  # when the incomplete frame's first byte arrived; None: none is
+        self.received = 0  # bytes read from the socket in all (for the server's bytes-per-round telemetry)
 
     @property
     def capacity(self) -> int:
@@ -407,6 +408,7 @@ class FrameReader:
         if not self.partial:
             self.started = time.monotonic()
         self._end += count
+        self.received += count
         return True
 
     def pop(self) -> Message | None:

@@ -40,6 +40,7 @@ from torch import Tensor
 from cifar_pl.errors import RaisedBetweenSteps, UserFacingError
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.accounting import SampleAccounting
+from cifar_pl.parameter_server.compression import Compression, GradientDecoder
 from cifar_pl.parameter_server.packing import FlatState
 from cifar_pl.parameter_server.protocol import Message, MessageType
 
@@ -95,6 +96,7 @@ class ServerSettings:
     max_strikes: int = 3  # rejected contributions, or rounds late in a row, before a worker is disconnected
     rejection_policy: str = "stop"  # a micro-batch rejected max_rejections times: "stop" the run, or "skip" it
     max_rejections: int = 3  # rejections of one micro-batch (computed alone) within a round before the policy
+    compression: Compression = field(default_factory=Compression)  # how workers encode gradients (told in WELCOME)
 
     def __post_init__(self) -> None:
         if self.rejection_policy not in REJECTION_POLICIES:
@@ -192,6 +194,10 @@ class ParameterServer:
         self.module = module
         self.settings = settings
         self.flat = FlatState(module)
+        self.decoder = GradientDecoder(settings.compression, self.flat.num_params)
+        # bytes on the wire to and from admitted workers (frames queued to them, bytes read from them), in all
+        self.bytes_to_workers = 0
+        self.bytes_from_workers = 0
         self.check_hello = check_hello
         self.accounting = accounting
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.EVENTS_KEPT)
@@ -314,7 +320,7 @@ class ParameterServer:
                 self.settings.handshake_timeout,
                 wire.HANDSHAKE_MAX_FRAME,  # no handshake message carries tensors
                 self.check_hello,
-                {"worker_id": worker_id},
+                {"worker_id": worker_id, "compression": self.settings.compression.to_meta()},
             )
         except (wire.ProtocolError, OSError) as error:
             with self._lock:
@@ -345,6 +351,7 @@ class ParameterServer:
     def _send(self, conn: Connection, parts: list[bytes | memoryview]) -> None:
         """Queue frames for a worker and send what its socket takes now; the round loop sends the rest."""
         conn.writer.queue(parts)
+        self.bytes_to_workers += sum(memoryview(part).nbytes for part in parts)
         conn.writer.flush(conn.sock)
         self._watch(conn)
 
@@ -383,8 +390,11 @@ class ParameterServer:
                 if mask & selectors.EVENT_WRITE:
                     conn.writer.flush(conn.sock)
                     self._watch(conn)
-                if mask & selectors.EVENT_READ and conn.reader.read(conn.sock):
-                    while (message := conn.reader.pop()) is not None:
+                if mask & selectors.EVENT_READ:
+                    received = conn.reader.received
+                    readable = conn.reader.read(conn.sock)
+                    self.bytes_from_workers += conn.reader.received - received
+                    while readable and (message := conn.reader.pop()) is not None:
                         results.append((conn, message))
             except (wire.ProtocolError, OSError) as error:
                 results.append((conn, error.with_traceback(None)))  # no frame -> error -> frame cycle
@@ -483,7 +493,12 @@ class ParameterServer:
         return self._params_cache[1]
 
     def _check_contribution(self, message: Message, expected_samples: int) -> str | None:
-        """Why a worker's answer cannot be used, or None: every field it sends is checked, within range."""
+        """Why a worker's answer cannot be used, or None: every field it sends is checked, within range.
+        The gradient is decoded first (``strategy.compression``): ``message.tensors`` then holds it dense."""
+        try:
+            message.tensors = self.decoder.decode(message.meta, message.tensors)
+        except wire.BadFrame as error:
+            return f"malformed gradient: {error}"
         meta, tensors = message.meta, message.tensors
         if len(tensors) != 3 or not self.flat.shapes_match(*tensors):
             return "gradient tensors do not match the model's shapes"

@@ -41,6 +41,7 @@ from cifar_pl.errors import ConfigurationError
 from cifar_pl.files import write_json
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.accounting import SampleAccounting
+from cifar_pl.parameter_server.compression import METHODS, Compression
 from cifar_pl.parameter_server.launch import LocalWorkers
 from cifar_pl.parameter_server.pipeline import MODES, Pipeline, StalenessStats, TickPlan, async_ticks, tick_plans
 from cifar_pl.parameter_server.server import (
@@ -264,6 +265,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         staleness: int = 2,
         worker_slowdown: list[float] | None = None,
         device: str | None = None,
+        compression: str = "none",
+        topk_ratio: float = 0.01,
     ) -> None:
         super().__init__(device=device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         if role not in ROLES:
@@ -315,6 +318,15 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self._training_samples = 0
         self._fit_started: float | None = None
         self.accuracy_timeline: list[list[float]] = []  # [seconds since training started, val/acc] per epoch
+        if compression not in METHODS:
+            raise ConfigurationError(
+                f"strategy.compression={compression!r} is not one the parameter server has: it takes "
+                f"{', '.join(METHODS)} (powersgd is a DDP communication hook: strategy=ddp)"
+            )
+        if not 0 < topk_ratio <= 1:
+            raise ConfigurationError(
+                f"strategy.topk_ratio={topk_ratio!r} must be in (0, 1]: the share of gradient entries topk sends"
+            )
         self.secret_file, self.worker_threads, self.allow_insecure = secret_file, worker_threads, allow_insecure
         self.join_timeout, self.resume, self.reconnect_timeout = join_timeout, resume, reconnect_timeout
         self.settings = ServerSettings(
@@ -329,12 +341,16 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             max_strikes=max_strikes,
             rejection_policy=rejection_policy,
             max_rejections=max_rejections,
+            compression=Compression(compression, topk_ratio),
         )
         self.micro_batches_per_worker = 1
         self.server: ParameterServer | None = None
         self.local_workers: LocalWorkers | None = None
         # the latest rounds' timings, for the report's medians: bounded, however long the run
         self.round_timings: collections.deque[dict[str, float]] = collections.deque(maxlen=ROUND_TIMINGS_KEPT)
+        # bytes on the wire per round (to the workers, from them: all of them together), for the same medians
+        self.round_bytes: collections.deque[tuple[int, int]] = collections.deque(maxlen=ROUND_TIMINGS_KEPT)
+        self._bytes_counted = (0, 0)  # the server's byte counters when the last round's bytes were taken
         self._gradient: Tensor | None = None
         self._round_ended: float | None = None
         self._restored: dict[str, Any] | None = None  # the server's state from the checkpoint resumed from
@@ -481,8 +497,9 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self._training_samples += result.samples
         self._round_ended = now
         self._reassigned_total += result.reassigned_samples
+        round_bytes = self._count_round_bytes()
         if module._writes_step_metrics(batch_idx):
-            self._log_telemetry(module, result)
+            self._log_telemetry(module, result, round_bytes)
         if not result.samples:  # every micro-batch of the round was skipped: no gradient, no optimizer step
             return None
         self._gradient = result.gradient
@@ -524,7 +541,7 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         self.staleness_stats.add(tick.staleness)
         return self._apply(tick.result, batch_idx)
 
-    def _log_telemetry(self, module: ImageClassifier, result: RoundResult) -> None:
+    def _log_telemetry(self, module: ImageClassifier, result: RoundResult, round_bytes: tuple[int, int]) -> None:
         """The server's state beside the training curves, on the steps whose metrics are written anyway."""
         assert self.server is not None
         server = self.server
@@ -536,9 +553,21 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             "ps/refused_contributions": float(server.event_counts["rejected contribution"]),
             "ps/staleness_mean": mean,
             "ps/staleness_max": float(worst),
+            "ps/bytes_to_workers": float(round_bytes[0]),
+            "ps/bytes_from_workers": float(round_bytes[1]),
         }
         for name, value in values.items():
             module.log(name, value, on_step=True, on_epoch=False)
+
+    def _count_round_bytes(self) -> tuple[int, int]:
+        """The bytes the last step moved (to the workers, from them), from the server's counters (frames
+        queued to the workers' sockets, bytes read from them), kept for the report's medians."""
+        assert self.server is not None
+        now = (self.server.bytes_to_workers, self.server.bytes_from_workers)
+        moved = (now[0] - self._bytes_counted[0], now[1] - self._bytes_counted[1])
+        self._bytes_counted = now
+        self.round_bytes.append(moved)
+        return moved
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         """The round's gradient comes from the workers: write it into the central model."""
@@ -713,6 +742,16 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             if any(key in t for t in self.round_timings)
         }
 
+    def bytes_per_round(self) -> dict[str, float] | None:
+        """Median bytes on the wire per round over the latest ``ROUND_TIMINGS_KEPT`` rounds, all workers
+        together: parameters and assignments to the workers, gradients and statistics from them."""
+        if not self.round_bytes:
+            return None
+        return {
+            "to_workers": statistics.median(b[0] for b in self.round_bytes),
+            "from_workers": statistics.median(b[1] for b in self.round_bytes),
+        }
+
     def _write_report(self, server: ParameterServer, exits: dict[str, int | None]) -> None:
         report = {
             "mode": self.mode,
@@ -723,6 +762,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
             "micro_batches_per_worker": self.micro_batches_per_worker,
             "rounds": server.round,
             "round_ms_median": self.round_ms(),
+            "compression": self.settings.compression.to_meta(),
+            "bytes_per_round": self.bytes_per_round(),
             "local_worker_exit_codes": exits,
             "local_worker_restarts": self.local_workers_restarts,
             "rounds_per_worker": dict(server.contributions),

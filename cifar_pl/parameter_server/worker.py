@@ -34,6 +34,7 @@ import torch
 from cifar_pl.classifier import ImageClassifier
 from cifar_pl.errors import ConfigurationError
 from cifar_pl.parameter_server import protocol as wire
+from cifar_pl.parameter_server.compression import Compression, GradientEncoder
 from cifar_pl.parameter_server.packing import FlatState
 from cifar_pl.parameter_server.protocol import Message, MessageType
 from cifar_pl.parameter_server.server import parse_address
@@ -113,6 +114,8 @@ class Worker:
         self.settings = settings
         self.device = next(module.parameters()).device
         self.flat = FlatState(module)
+        # how gradients are sent: the server says in WELCOME; topk's error-feedback residual lives here
+        self.encoder = GradientEncoder(Compression(), self.flat.num_params)
         # fp16 needs loss scaling; bf16 and fp32 do not (a dynamic scale, as Lightning's 16-mixed uses)
         self.scaler = torch.amp.GradScaler(self.device.type) if precision in ("16-mixed", "16") else None
 
@@ -156,7 +159,13 @@ class Worker:
             try:
                 welcome = wire.client_handshake(sock, self.hello(), s.secret, s.handshake_timeout)
                 joined = time.monotonic()
-                log.info("worker %s joined as worker-%s", s.name, welcome.get("worker_id"))
+                self.use_compression(Compression.from_meta(welcome.get("compression")))
+                log.info(
+                    "worker %s joined as worker-%s (gradients: %s)",
+                    s.name,
+                    welcome.get("worker_id"),
+                    self.encoder.compression.method,
+                )
                 return self.serve(sock)
             except (wire.PeerClosed, wire.ReadTimeout, wire.WriteTimeout, ConnectionError) as error:
                 if s.reconnect_timeout <= 0:
@@ -174,6 +183,12 @@ class Worker:
                 time.sleep(delay)
             finally:
                 sock.close()
+
+    def use_compression(self, compression: Compression) -> None:
+        """Encode gradients as the server asks. Joining again under the same method keeps topk's residual
+        (what was computed and not yet sent is still owed to the model); another method starts afresh."""
+        if compression != self.encoder.compression:
+            self.encoder = GradientEncoder(compression, self.flat.num_params)
 
     def serve(self, sock: socket.socket) -> int:
         s = self.settings
@@ -234,7 +249,7 @@ class Worker:
                 correct += int(hits)
             if self.scaler is None or self._unscale():
                 break
-        grads = self.flat.grads_flat()
+        encoding, gradient = self.encoder.encode(self.flat.grads_flat())
         floats, ints = self.flat.buffers_flat()
         meta = {
             "round": message.meta["round"],
@@ -242,8 +257,9 @@ class Worker:
             "samples": samples,
             "loss_sum": loss_sum,
             "correct": correct,
+            **encoding,
         }
-        return Message(MessageType.GRADS, meta, [grads, floats, ints])
+        return Message(MessageType.GRADS, meta, [*gradient, floats, ints])
 
     def _unscale(self) -> bool:
         """Divide the fp16 gradients by the loss scale; False (and a smaller scale) on overflow."""

@@ -42,6 +42,7 @@ import torch
 from cifar_pl.models import build_network
 from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.accounting import SampleAccounting
+from cifar_pl.parameter_server.compression import Compression, GradientDecoder, GradientEncoder
 from cifar_pl.parameter_server.packing import FlatState
 from cifar_pl.parameter_server.protocol import Message, MessageType
 from cifar_pl.parameter_server.server import ParameterServer, ServerSettings
@@ -77,11 +78,13 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _timed_rounds(one_round: Any, seconds: float) -> dict[str, Any]:
-    """One untimed warm-up round, then rounds back to back for ``seconds``: their latencies, wall and CPU."""
+def _timed_rounds(one_round: Any, seconds: float, counters: Any = None) -> dict[str, Any]:
+    """One untimed warm-up round, then rounds back to back for ``seconds``: their latencies, wall and CPU;
+    with ``counters`` (a function giving the bytes moved so far each way), the bytes per timed round."""
     setup_peak = _peak_mib()
     one_round(0)
     peak_before = _peak_mib()
+    counted = counters() if counters else None
     latencies: list[float] = []
     started, cpu_started = time.perf_counter(), time.process_time()
     deadline = started + seconds
@@ -89,7 +92,13 @@ def _timed_rounds(one_round: Any, seconds: float) -> dict[str, Any]:
         t = time.perf_counter()
         one_round(len(latencies) + 1)
         latencies.append(time.perf_counter() - t)
+    moved = (
+        {way: (total - counted[way]) / len(latencies) for way, total in counters().items()}
+        if counters and counted is not None and latencies
+        else None
+    )
     return {
+        "bytes_per_round": moved,
         "rounds": len(latencies),
         "seconds": time.perf_counter() - started,
         "server_cpu_s": time.process_time() - cpu_started,
@@ -103,38 +112,50 @@ def _timed_rounds(one_round: Any, seconds: float) -> dict[str, Any]:
 # --- the three servers, each in a process of its own ------------------------------------------------------
 
 
-def _serve(kind: str, workers: int, params: int, per_worker: int, seconds: float, results: Any) -> None:
+def _serve(
+    kind: str, workers: int, params: int, per_worker: int, seconds: float, compression: Compression, results: Any
+) -> None:
     try:
         torch.set_num_threads(1)
         target = {"project": _project_server, "naive": _naive_server, "raw": _raw_server}[kind]
-        results.put(("result", target(workers, _model(params), per_worker, seconds, results)))
+        results.put(("result", target(workers, _model(params), per_worker, seconds, compression, results)))
     except BaseException:
         results.put(("error", traceback.format_exc()))
         raise
 
 
-def _project_server(workers: int, module: torch.nn.Module, per_worker: int, seconds: float, results: Any) -> dict:
-    settings = ServerSettings(round_timeout=TIMEOUT, max_frame=MAX_FRAME)
+def _project_server(
+    workers: int, module: torch.nn.Module, per_worker: int, seconds: float, compression: Compression, results: Any
+) -> dict:
+    settings = ServerSettings(round_timeout=TIMEOUT, max_frame=MAX_FRAME, compression=compression)
     server = ParameterServer(module, settings, lambda hello: None, SampleAccounting(TRAIN_SAMPLES))
     results.put(("listening", server.start()))
     try:
         if server.wait_for_workers(workers, 120) < workers:
             raise RuntimeError(f"only {server.wait_for_workers(workers, 0)} of {workers} simulated workers joined")
         micro_batches = _micro_batches(workers, per_worker)
-        return _timed_rounds(lambda version: server.run_round(0, micro_batches, version), seconds)
+        return _timed_rounds(
+            lambda version: server.run_round(0, micro_batches, version),
+            seconds,
+            lambda: {"to_workers": server.bytes_to_workers, "from_workers": server.bytes_from_workers},
+        )
     finally:
         server.stop("benchmark over")
 
 
-def _naive_server(workers: int, module: torch.nn.Module, per_worker: int, seconds: float, results: Any) -> dict:
+def _naive_server(
+    workers: int, module: torch.nn.Module, per_worker: int, seconds: float, compression: Compression, results: Any
+) -> dict:
     flat = FlatState(module)
+    decoder = GradientDecoder(compression, flat.num_params)
+    welcome = {"compression": compression.to_meta()}
     listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
     results.put(("listening", listener.getsockname()[:2]))
     conns: list[tuple[socket.socket, wire.FrameReader]] = []
     for worker_id in range(1, workers + 1):
         sock, _ = listener.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        wire.server_handshake(sock, None, TIMEOUT, MAX_FRAME, lambda hello: None, {"worker_id": worker_id})
+        wire.server_handshake(sock, None, TIMEOUT, MAX_FRAME, lambda hello: None, {"worker_id": worker_id, **welcome})
         conns.append((sock, wire.FrameReader(MAX_FRAME)))
     micro_batches = _micro_batches(workers, per_worker)
     assignments = itertools.count(1)
@@ -154,7 +175,7 @@ def _naive_server(workers: int, module: torch.nn.Module, per_worker: int, second
         int_max = torch.full((flat.num_int_buffers,), -1, dtype=torch.int64)
         for sock, reader in conns:
             answer = reader.recv(sock, TIMEOUT)
-            grads, floats, ints = answer.tensors
+            grads, floats, ints = decoder.decode(answer.meta, answer.tensors)
             weight = answer.meta["samples"] / len(indices)
             grad_sum.add_(grads, alpha=weight)
             float_sum.add_(floats, alpha=weight)
@@ -171,8 +192,11 @@ def _naive_server(workers: int, module: torch.nn.Module, per_worker: int, second
         listener.close()
 
 
-def _raw_server(workers: int, module: torch.nn.Module, per_worker: int, seconds: float, results: Any) -> dict:
-    size = _payload_bytes(FlatState(module))
+def _raw_server(
+    workers: int, module: torch.nn.Module, per_worker: int, seconds: float, compression: Compression, results: Any
+) -> dict:
+    flat = FlatState(module)
+    size, answer = _payload_bytes(flat), _answer_bytes(flat, compression)
     listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
     results.put(("listening", listener.getsockname()[:2]))
     conns = []
@@ -180,7 +204,7 @@ def _raw_server(workers: int, module: torch.nn.Module, per_worker: int, seconds:
         sock, _ = listener.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conns.append(sock)
-    payload, buffer = bytes(size), bytearray(size)
+    payload, buffer = bytes(size), bytearray(answer)
     view = memoryview(buffer)
 
     def one_round(version: int) -> None:
@@ -188,7 +212,7 @@ def _raw_server(workers: int, module: torch.nn.Module, per_worker: int, seconds:
             conn.sendall(payload)
         for conn in conns:
             got = 0
-            while got < size:
+            while got < answer:
                 n = conn.recv_into(view[got:])
                 if not n:
                     raise ConnectionError("an echo worker went away")
@@ -207,14 +231,22 @@ def _payload_bytes(flat: FlatState) -> int:
     return 4 * (flat.num_params + flat.num_float_buffers) + 8 * flat.num_int_buffers
 
 
+def _answer_bytes(flat: FlatState, compression: Compression) -> int:
+    """Bytes of one worker's encoded gradient with the BatchNorm statistics: what comes back."""
+    _, gradient = GradientEncoder(compression, flat.num_params).encode(torch.zeros(flat.num_params))
+    return sum(t.numel() * t.element_size() for t in gradient) + _payload_bytes(flat) - 4 * flat.num_params
+
+
 # --- the load generator: simulated workers ----------------------------------------------------------------
 
 
 def _protocol_worker(sock: socket.socket, index: int, sizes: tuple[int, int, int], mark: Any) -> None:
-    """A simulated worker: the real handshake and frames, a gradient of the real sizes, no compute."""
-    grads, floats = torch.zeros(sizes[0]), torch.zeros(sizes[1])
-    ints = torch.zeros(sizes[2], dtype=torch.int64)
-    wire.client_handshake(sock, {"name": f"simulated-{index}"}, None, TIMEOUT, MAX_FRAME)
+    """A simulated worker: the real handshake and frames, a gradient of the real sizes encoded as the server
+    says (a fixed random one: topk selects among distinct magnitudes), no compute."""
+    grads = torch.randn(sizes[0], generator=torch.Generator().manual_seed(index))
+    floats, ints = torch.zeros(sizes[1]), torch.zeros(sizes[2], dtype=torch.int64)
+    welcome = wire.client_handshake(sock, {"name": f"simulated-{index}"}, None, TIMEOUT, MAX_FRAME)
+    encoder = GradientEncoder(Compression.from_meta(welcome.get("compression")), sizes[0])
     reader = wire.FrameReader(MAX_FRAME)
     assignments = 0
     while True:
@@ -226,21 +258,23 @@ def _protocol_worker(sock: socket.socket, index: int, sizes: tuple[int, int, int
             assignments += 1
             if assignments == 2:  # the first one is the warm-up round's
                 mark()
+            encoding, gradient = encoder.encode(grads)
             meta = {
                 "round": message.meta["round"],
                 "assignment": message.meta["assignment"],
                 "samples": len(message.tensors[0]),
                 "loss_sum": 0.0,
                 "correct": 0,
+                **encoding,
             }
-            wire.send_message(sock, Message(MessageType.GRADS, meta, [grads, floats, ints]), TIMEOUT)
+            wire.send_message(sock, Message(MessageType.GRADS, meta, [*gradient, floats, ints]), TIMEOUT)
         elif message.type == MessageType.DONE:
             return
 
 
-def _echo_worker(sock: socket.socket, size: int, mark: Any) -> None:
-    """The raw floor's worker: read ``size`` bytes, send ``size`` bytes back, until the server hangs up."""
-    buffer, reply = bytearray(size), bytes(size)
+def _echo_worker(sock: socket.socket, size: int, answer: int, mark: Any) -> None:
+    """The raw floor's worker: read ``size`` bytes, send ``answer`` bytes back, until the server hangs up."""
+    buffer, reply = bytearray(size), bytes(answer)
     view = memoryview(buffer)
     rounds = 0
     while True:
@@ -267,7 +301,7 @@ def _simulated_worker(command: tuple, index: int, mark: Any, errors: list[str]) 
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         if mode == "echo":
-            _echo_worker(sock, payload, mark)
+            _echo_worker(sock, *payload, mark)
         else:
             _protocol_worker(sock, index, sizes, mark)
     except (wire.ProtocolError, OSError) as error:
@@ -312,7 +346,9 @@ class LoadGenerator:
         for process in self.processes:
             process.start()
 
-    def attach(self, mode: str, address: tuple[str, int], sizes: tuple[int, int, int], payload: int) -> None:
+    def attach(
+        self, mode: str, address: tuple[str, int], sizes: tuple[int, int, int], payload: tuple[int, int]
+    ) -> None:
         for commands, count in zip(self.commands, self.counts, strict=True):
             commands.put((mode, address[0], address[1], count, sizes, payload))
 
@@ -336,11 +372,16 @@ class LoadGenerator:
                 process.join(timeout=5)
 
 
-def _window(ctx: Any, kind: str, load: LoadGenerator, args: argparse.Namespace, sizes: Any, payload: int) -> dict:
+def _window(
+    ctx: Any, kind: str, load: LoadGenerator, args: argparse.Namespace, sizes: Any, payload: tuple[int, int]
+) -> dict:
     """One timed window of one server against the load generator."""
     results = ctx.Queue()
+    compression = Compression(args.compression, args.topk_ratio)
     server = ctx.Process(
-        target=_serve, args=(kind, args.workers, args.params, args.micro_batches, args.seconds, results), daemon=True
+        target=_serve,
+        args=(kind, args.workers, args.params, args.micro_batches, args.seconds, compression, results),
+        daemon=True,
     )
     server.start()
     try:
@@ -370,6 +411,12 @@ def _copy_bound(bytes_per_round: int, repeats: int = 20) -> float:
     return repeats / (time.perf_counter() - start)
 
 
+def _compression_text(compression: Compression) -> str:
+    if compression.method == "topk":
+        return f"topk ({compression.topk_ratio:g} of the entries, with error feedback)"
+    return {"none": "float32 (no compression)", "bf16": "bfloat16", "fp16": "float16, scaled"}[compression.method]
+
+
 def _per_round_ms(windows: list[dict], key: str) -> float:
     return round(statistics.median(w[key] / w["rounds"] * 1000 for w in windows), 3)
 
@@ -378,12 +425,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     flat = FlatState(_model(args.params))
     sizes = (flat.num_params, flat.num_float_buffers, flat.num_int_buffers)
-    payload = _payload_bytes(flat)
-    bytes_per_round = 2 * args.workers * payload  # parameters out and gradients in, per worker
+    compression = Compression(args.compression, args.topk_ratio)
+    payload = (_payload_bytes(flat), _answer_bytes(flat, compression))
+    bytes_per_round = args.workers * sum(payload)  # parameters out and (encoded) gradients in, per worker
     processes = max(1, min(args.workers, args.processes))
     print(
-        f"{args.workers} simulated workers in {processes} processes, {sizes[0]:,} parameters "
-        f"({bytes_per_round / 2**20:.2f} MiB moved per round); servers {', '.join(SERVERS)} in a balanced order, "
+        f"{args.workers} simulated workers in {processes} processes, {sizes[0]:,} parameters, gradients "
+        f"{_compression_text(compression)} ({bytes_per_round / 2**20:.2f} MiB moved per round); servers "
+        f"{', '.join(SERVERS)} in a balanced order, "
         f"{args.repeats} repeats of {args.seconds:g} s windows",
         flush=True,
     )
@@ -447,6 +496,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_growth_mib": round(max(w["warmup_growth_mib"] for w in windows["project"]), 1),
         "copy_bound_rounds_per_s": round(bound, 1),
         "mib_per_round": round(bytes_per_round / 2**20, 2),
+        "compression": compression.to_meta(),
+        # the project server's own counters: every frame to and from the workers, all of them together
+        "bytes_per_round": {
+            way: round(statistics.median(w["bytes_per_round"][way] for w in windows["project"]))
+            for way in ("to_workers", "from_workers")
+        },
         "workers": args.workers,
         "params": sizes[0],
         "rounds": len(latencies),
@@ -466,6 +521,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + (f"p99 {result['p99_ms']} ms" if p99 is not None else "p99 not reported (fewer than 100 rounds)")
         + f", max {result['max_ms']} ms; its process's peak memory {result['peak_mib']} MiB "
         f"(the warm-up round added {result['warmup_growth_mib']} MiB, the timed rounds {result['peak_growth_mib']} MiB)"
+    )
+    moved = result["bytes_per_round"]
+    print(
+        f"bytes per round on the wire (project server, all workers): {moved['to_workers']:,} to the workers, "
+        f"{moved['from_workers']:,} from them"
     )
     print("  " + describe("project / naive", paired["vs_naive"]))
     print("  " + describe("project / raw floor", paired["vs_raw_floor"]))
