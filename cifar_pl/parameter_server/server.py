@@ -303,9 +303,10 @@ class ParameterServer:
                     evicted.append((oldest, self._handshaking.pop(oldest)))
                 self._handshaking[sock] = f"{peer[0]}:{peer[1]}"
             for old_sock, old_peer in evicted:
+                # recorded first: once the peer sees its connection end, the event log already says why
+                self._event("refused", peer=old_peer, detail="handshake cut off: a newer connection needed its slot")
                 with suppress(OSError):
                     old_sock.shutdown(socket.SHUT_RDWR)  # its thread's read ends at once, and it cleans up
-                self._event("refused", peer=old_peer, detail="handshake cut off: a newer connection needed its slot")
             thread = threading.Thread(target=self._admit, args=(sock, peer), name="ps-handshake", daemon=True)
             thread.start()
 
