@@ -6,6 +6,7 @@ the network from the checkpoint alone, without this project's configs.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -24,6 +25,13 @@ from cifar_pl.trainer_state import log_every_n_steps, process_rank
 def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
     """True on the micro-batch that closes an accumulation window: its optimizer step follows."""
     return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
+
+
+def one_cycle_warmup(pct_start: float, total_steps: int) -> float:
+    """The warm-up fraction to give OneCycleLR. It divides by ``pct_start * total_steps - 1``, so a warm-up
+    of exactly one step (a 4-step run at the default 0.25) would end in a ZeroDivisionError deep inside
+    torch; such a run warms up for half a step instead, i.e. starts at its peak."""
+    return pct_start / 2 if math.isclose(pct_start * total_steps, 1.0) else pct_start
 
 
 def use_test_time_flip(model: L.LightningModule, datamodule: L.LightningDataModule, enabled: bool) -> None:
@@ -201,11 +209,12 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=self.lr,
-            total_steps=max(1, int(self.trainer.estimated_stepping_batches)),
-            pct_start=self.pct_start,
+            total_steps=total_steps,
+            pct_start=one_cycle_warmup(self.pct_start, total_steps),
             div_factor=self.div_factor,
             final_div_factor=self.final_div_factor,
         )
