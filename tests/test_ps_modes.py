@@ -9,17 +9,22 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import time
 
+import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 
+from cifar_pl.parameter_server import protocol as wire
 from cifar_pl.parameter_server.accounting import SampleAccounting
 from cifar_pl.parameter_server.pipeline import Pipeline, tick_plans
 from cifar_pl.parameter_server.protocol import Message, MessageType
 from cifar_pl.parameter_server.server import ParameterServer, ServerSettings
+from cifar_pl.parameter_server.worker import Worker, WorkerSettings
 from cifar_pl.training import train
-from tests.helpers import TINY_SYNTHETIC, compose_config, tensorboard_scalars
+from tests.helpers import TINY_SYNTHETIC, compose_config, free_port, tensorboard_scalars
 from tests.test_ps_server import FakeWorker, answer_with, join, signature_check, tiny_model
 
 LR = 0.5
@@ -215,13 +220,28 @@ def test_mode_settings_that_cannot_work_are_refused_with_the_fix(settings, says)
 
 # --- the strategy end to end: real worker processes, Lightning's optimizer step and schedule ------------
 
+
+def worker_thread(cfg, port: int, name: str) -> threading.Thread:
+    """A real worker (model, data, gradients) in a thread of this process, for a ``strategy.role=server`` run."""
+    L.seed_everything(cfg.seed)
+    datamodule, model = instantiate(cfg.data, _convert_="all"), instantiate(cfg.model, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    secret = wire.load_secret(cfg.strategy.secret_file)
+    settings = WorkerSettings(address=f"127.0.0.1:{port}", name=name, secret=secret, reconnect_timeout=0)
+    thread = threading.Thread(target=Worker(model, datamodule, "32-true", settings).run, daemon=True)
+    thread.start()
+    return thread
+
+
 PS_TINY = [*TINY_SYNTHETIC, "data.batch_size=16", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2"]
 
 
 def test_async_training_is_interrupted_mid_epoch_resumes_and_completes_its_exact_schedule(tmp_path):
-    """Two local workers, one 2x slower; Ctrl-C in epoch 1 (a real SIGINT), then the run resumed from its
-    last.ckpt: every sample once per epoch, as many optimizer steps as planned (the one-cycle schedule ends
-    where it was laid out to), staleness in report.json and the server's telemetry in TensorBoard."""
+    """Two local worker processes, one 2x slower; Ctrl-C in epoch 1 (a real SIGINT), then the run resumed
+    from its last.ckpt (by two real workers in threads of this process, which start in no time): every sample
+    once per epoch, as many optimizer steps as planned (the one-cycle schedule ends where it was laid out
+    to), staleness in report.json and the server's telemetry in TensorBoard."""
     common = [
         *PS_TINY,
         "trainer.max_epochs=2",
@@ -244,9 +264,17 @@ def test_async_training_is_interrupted_mid_epoch_resumes_and_completes_its_exact
     applied = saved["parameter_server"]["applied"]
     # 384 training images, 2 shares of 12 micro-batches, 4 a step: 6 async steps an epoch
     assert saved["global_step"] == 6 + 4 and applied["epoch"] == 1 and len(applied["ticks"]) == 4
-    resumed = compose_config(tmp_path, [*common, f"ckpt_path={last}"])
+    port = free_port()
+    (tmp_path / "secret").write_text("shared with the worker threads")
+    secret = f"strategy.secret_file={tmp_path / 'secret'}"
+    server = [f"strategy.address=127.0.0.1:{port}", "strategy.role=server", secret]
+    resumed = compose_config(tmp_path, [*common[:-1], *server, f"ckpt_path={last}"])
     resumed.paths.output_dir = str(tmp_path / "resumed")
+    threads = [worker_thread(resumed, port, f"thread-{i}") for i in range(2)]
     metrics = train(resumed)
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive()
     assert metrics["status"] == "completed" and metrics["global_step"] == 2 * 6
     assert metrics["ps_mode"] == "async" and metrics["samples_per_s"] > 0 and metrics["staleness_mean"] > 0
     assert len(metrics["accuracy_timeline"]) == 1  # the resumed epoch's validation
