@@ -177,13 +177,42 @@ def test_every_malformed_topk_frame_is_refused_by_the_decoder(kind: str):
     assert GradientDecoder(TOPK, 15).decode(good.meta, good.tensors)[0].count_nonzero() == 4
 
 
-@pytest.mark.parametrize("scale", [None, 0.0, -2.0, 3.0, "1", True, 2.0**200, math.inf])
+@pytest.mark.parametrize(
+    "scale", [None, 0.0, -2.0, 3.0, "1", True, 2.0**200, math.inf, pytest.param(10**400, id="10**400")]
+)
 def test_an_fp16_frame_with_a_bad_scale_is_refused(scale):
     meta, tensors = _tiny_frames(Compression("fp16"), 15)
     meta = {**meta, "scale": scale} if scale is not None else {"compression": "fp16"}
-    message = through_the_wire(meta, tensors)
+    if isinstance(scale, int) and not isinstance(scale, bool):  # no frame carries it: the decoder alone
+        message = Message(MessageType.GRADS, meta, tensors)
+    else:
+        message = through_the_wire(meta, tensors)
     with pytest.raises(wire.BadFrame, match="scale"):
         GradientDecoder(Compression("fp16"), 15).decode(message.meta, message.tensors)
+
+
+@pytest.mark.parametrize("field", ["scale", "loss_sum", "samples"])
+def test_a_huge_json_integer_cuts_its_sender_off_and_the_round_goes_on(make_server, field):
+    """JSON allows 10**400; Python reads it as an int that float() and math.isfinite cannot take
+    (OverflowError). The frame is refused as malformed, the sender cut off, its share handed on."""
+    fp16 = Compression("fp16")
+    server = make_server(compression=fp16)
+    spoilt = encoded_answer(fp16)
+
+    def huge(assign: Message, flat: FlatState) -> Message:
+        reply = spoilt(assign, flat)
+        reply.meta[field] = 10**400
+        return reply
+
+    good = FakeWorker(server.address, encoded_answer(fp16), name="good")
+    bad = FakeWorker(server.address, huge, name="bad")
+    join(server, good, bad)
+    result = server.run_round(0, micro_batches(8), version=0)
+    assert result.samples == 64 and len(result.workers) == 1 and "good" in result.workers[0]
+    assert [c.name for c in server.live_workers] == result.workers
+    assert server.accounting.report()[0]["every_sample_exactly_once"]
+    with pytest.raises(wire.BadFrame, match="beyond the 64 bits"):
+        through_the_wire({field: 10**400}, [])
 
 
 # --- a real server over real sockets ------------------------------------------------------------------------

@@ -177,7 +177,11 @@ class GradientDecoder:
 
     @staticmethod
     def _scale(scale: Any) -> float:
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+        try:  # float() of a huge int raises OverflowError, which is a refusal like any other here
+            finite = not isinstance(scale, bool) and isinstance(scale, (int, float)) and math.isfinite(float(scale))
+        except OverflowError:
+            finite = False
+        if not finite or scale <= 0:
             raise BadFrame(f"an fp16 gradient's scale must be a positive number, got {printable(repr(scale), 40)}")
         mantissa, exponent = math.frexp(scale)
         if mantissa != 0.5 or not -FP16_MAX_EXPONENT <= exponent - 1 <= FP16_MAX_EXPONENT:

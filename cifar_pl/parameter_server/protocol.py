@@ -103,6 +103,9 @@ class FrameTooLarge(ProtocolError):
     """The header announced a payload above the receiver's cap."""
 
 
+MAX_JSON_INT = 2**63 - 1  # the largest integer a frame's meta may carry
+
+
 class BadFrame(ProtocolError):
     """Bad magic, flags or message type, or a malformed payload, meta or tensor descriptor."""
 
@@ -224,6 +227,15 @@ def _descriptors(meta: dict[str, Any]) -> list[tuple[torch.dtype, list[int]]]:
     return result
 
 
+def _bounded_int(text: str) -> int:
+    """JSON integers as json.loads reads them, refused beyond 64 bits: a peer's ``10**400`` would otherwise
+    reach checks such as ``math.isfinite`` as a Python int, which raise OverflowError instead of refusing."""
+    value = int(text) if len(text) <= 20 else MAX_JSON_INT + 1
+    if abs(value) > MAX_JSON_INT:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits is beyond the 64 bits allowed")
+    return value
+
+
 def decode(header: bytes | bytearray | memoryview, payload: bytearray | memoryview) -> Message:
     """Rebuild a message from a received frame; every malformation is a ``ProtocolError``. The tensors
     are views on ``payload`` (no copy), so it must be writable: a bytearray or a view of one."""
@@ -239,8 +251,8 @@ def decode(header: bytes | bytearray | memoryview, payload: bytearray | memoryvi
         raise BadFrame(f"meta length {meta_len} exceeds the cap {MAX_META} or the payload")
     offset = _META_LEN.size + meta_len
     try:
-        meta = json.loads(bytes(payload[_META_LEN.size : offset]).decode("utf-8"))
-    except (ValueError, RecursionError) as error:  # bad UTF-8 and bad JSON are ValueErrors
+        meta = json.loads(bytes(payload[_META_LEN.size : offset]).decode("utf-8"), parse_int=_bounded_int)
+    except (ValueError, RecursionError) as error:  # bad UTF-8, bad JSON and huge integers are ValueErrors
         raise BadFrame(f"meta is not valid UTF-8 JSON: {error}") from None
     if not isinstance(meta, dict):
         raise BadFrame(f"meta must be a JSON object, got {type(meta).__name__}")
