@@ -173,14 +173,30 @@ class SpawnDDPStrategy(DDPStrategy):
         super().__init__(**kwargs)
         self.threads_per_process = threads_per_process
         self.compression, self.powersgd_rank, self.powersgd_start_step = compression, powersgd_rank, powersgd_start_step
+        self.comm_hook = compression  # the hook registered: fp16 falls back to bf16 without a loss scaler
 
     def _register_ddp_hooks(self) -> None:
         """Lightning registers ``ddp_comm_hook`` only on CUDA and ignores it silently on CPU; torch's hooks
-        work with gloo on CPU too, so ours is registered on any device."""
+        work with gloo on CPU too, so ours is registered on any device.
+
+        torch's fp16 hook casts without scaling: a gradient entry above 65,504 becomes inf. Under
+        ``16-mixed`` on a GPU, Lightning's GradScaler sees that and skips the step; without one (on CPU,
+        where 16-mixed runs as bf16-mixed, or in 32-true) the inf would reach gradient clipping and turn
+        into NaN weights. There, fp16 falls back to the bf16 hook (float32's range), with a warning."""
         super()._register_ddp_hooks()
-        if self.compression != "none":
+        self.comm_hook = self.compression
+        if self.compression == "fp16" and getattr(self.precision_plugin, "scaler", None) is None:
+            self.comm_hook = "bf16"
+            if self.global_rank == 0:
+                log.warning(
+                    "strategy.compression=fp16: DDP's fp16 hook does not scale, and without a loss scaler "
+                    "(trainer.precision=16-mixed on a GPU) a gradient entry above 65,504 would silently become "
+                    "inf, then NaN after gradient clipping; the gradients are all-reduced in bf16 instead "
+                    "(the same bytes, float32's range). Set strategy.compression=bf16 to silence this."
+                )
+        if self.comm_hook != "none":
             assert isinstance(self.model, DistributedDataParallel)
-            register_comm_hook(self.model, self.compression, self.powersgd_rank, self.powersgd_start_step)
+            register_comm_hook(self.model, self.comm_hook, self.powersgd_rank, self.powersgd_start_step)
 
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None

@@ -365,6 +365,30 @@ def test_ddp_communication_hooks_run_on_gloo_and_shape_the_gradient(gloo_group, 
             assert torch.linalg.matrix_rank(got) == 1 and not torch.allclose(got, reference)
 
 
+def test_strategy_ddp_registers_its_hook_on_cpu_and_fp16_without_a_loss_scaler_falls_back_to_bf16(gloo_group, caplog):
+    """Lightning registers communication hooks on CUDA only; ours on CPU too, as DDP's own logging data
+    shows. fp16 unscaled would turn a gradient entry above 65,504 into inf, NaN after clipping."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from cifar_pl.ddp import SpawnDDPStrategy
+
+    registered = {}
+    for hook in ("none", "fp16", "bf16", "powersgd"):
+        strategy = SpawnDDPStrategy(
+            compression=hook,
+            parallel_devices=[torch.device("cpu")],
+            precision_plugin=MixedPrecision("bf16-mixed", "cpu"),
+        )
+        strategy.model = DistributedDataParallel(nn.Linear(4, 2))
+        with caplog.at_level("WARNING", logger="cifar_pl.ddp"):
+            strategy._register_ddp_hooks()
+        registered[hook] = strategy.model._get_ddp_logging_data().get("comm_hook", "")
+    assert registered["none"] == ""
+    assert "bf16_compress_hook" in registered["bf16"] and "powerSGD_hook" in registered["powersgd"]
+    assert "bf16_compress_hook" in registered["fp16"]  # no loss scaler under bf16-mixed: bf16's range instead
+    assert "without a loss scaler" in caplog.text and "all-reduced in bf16 instead" in caplog.text
+
+
 # --- the experiment's table ------------------------------------------------------------------------------------
 
 
@@ -391,3 +415,16 @@ def test_the_compression_table_reads_the_measured_bytes_and_computes_ddps(tmp_pa
     assert lines[2] == "| 0 | parameter server | topk 0.01 | completed | 2 | 192 | 20,784 | 836,640 | 50.00 | 25.00 |"
     ddp = f"| 1 | DDP | bf16 | completed | 2 | 192 | {4 * n:,} (computed) | none (no central copy) | 50.00 | 25.00 |"
     assert lines[3] == ddp
+
+
+def test_bytes_per_round_are_a_rounds_worth_in_every_mode():
+    """In async a step is one worker's share: its figures sum `workers` steps, so that the report's
+    bytes per round mean the same in every mode (all workers together)."""
+    from cifar_pl.parameter_server.strategy import ParameterServerStrategy
+
+    per_step = {"sync": [(200, 20), (600, 60), (1000, 100)], "async": [(100, 10), (100, 10), (300, 30), (300, 30)]}
+    per_step["async"] += [(500, 50), (500, 50), (700, 70)]  # an unfinished round at the end is left out
+    for mode, steps in per_step.items():
+        strategy = ParameterServerStrategy(workers=2, mode=mode)
+        strategy.round_bytes.extend(steps)
+        assert strategy.bytes_per_round() == {"to_workers": 600, "from_workers": 60}, mode

@@ -6,14 +6,17 @@ float32 gradient it averages, refusing anything malformed. The server chooses th
 worker in WELCOME, so remote workers need no setting of their own.
 
 - ``none``: float32, as before (4 bytes per parameter).
-- ``bf16``: bfloat16 (2 bytes): float32's range, 8 bits of mantissa; it cannot overflow.
+- ``bf16``: bfloat16 (2 bytes): float32's range, 8 bits of mantissa; only entries near float32's largest
+  (about 3.4e38) round to inf, and the server rejects those as non-finite.
 - ``fp16``: float16 (2 bytes) scaled per frame by a power of two (exact both ways) so that the largest
   magnitude lands in [2**14, 2**15], far below float16's 65504: it never overflows, and values below about
-  2**-24 of the largest flush to zero. The scale travels in the meta (``"scale"``).
+  2**-39 of the largest (float16's smallest step, 2**-24, against that peak) flush to zero. The scale
+  travels in the meta (``"scale"``).
 - ``topk``: the ``ceil(topk_ratio * parameters)`` entries of largest magnitude, as strictly increasing
   indices (int32; int64 only past 2**31 parameters) and float32 values: 8 bytes per entry sent. Error
   feedback: the worker keeps what it did not send and adds it to its next gradient, so every part of
-  every gradient is sent eventually (delayed, never lost).
+  every gradient the server uses is sent eventually (delayed; a frame the server drops loses the
+  held-back part it carried, see docs/parameter-server.md).
 
 BatchNorm statistics travel uncompressed after the gradient's tensors, as before.
 """

@@ -743,13 +743,21 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         }
 
     def bytes_per_round(self) -> dict[str, float] | None:
-        """Median bytes on the wire per round over the latest ``ROUND_TIMINGS_KEPT`` rounds, all workers
-        together: parameters and assignments to the workers, gradients and statistics from them."""
-        if not self.round_bytes:
+        """Median bytes on the wire per round over the latest ``ROUND_TIMINGS_KEPT`` steps, all workers
+        together: parameters and assignments to the workers, gradients and statistics from them. In async a
+        step is one worker's share, so a round is ``workers`` consecutive steps (as many shares as a sync
+        or ssp round), summed, for figures comparable across modes."""
+        steps = list(self.round_bytes)
+        per_round = self.workers if self.mode == "async" else 1
+        rounds = [
+            (sum(b[0] for b in group), sum(b[1] for b in group))
+            for group in (steps[i : i + per_round] for i in range(0, len(steps) - per_round + 1, per_round))
+        ]
+        if not rounds:
             return None
         return {
-            "to_workers": statistics.median(b[0] for b in self.round_bytes),
-            "from_workers": statistics.median(b[1] for b in self.round_bytes),
+            "to_workers": statistics.median(b[0] for b in rounds),
+            "from_workers": statistics.median(b[1] for b in rounds),
         }
 
     def _write_report(self, server: ParameterServer, exits: dict[str, int | None]) -> None:
