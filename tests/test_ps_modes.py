@@ -160,6 +160,35 @@ def test_ssp_makes_a_worker_too_far_ahead_wait_and_bounds_staleness(make_server)
     assert server.accounting.report()[0]["every_sample_exactly_once"]
 
 
+def test_an_async_epoch_resumed_with_steps_applied_out_of_order_computes_exactly_the_others(make_server):
+    """async applies an epoch's ticks in the order they complete, so a checkpoint lists the ticks applied
+    (here 0, 2 and 3, as a slow worker leaves gaps); the resumed epoch hands out exactly the rest."""
+    server = make_server(samples=48)
+    a, b = model_worker(server, "a"), model_worker(server, "b")
+    join(server, a, b)
+    plans, _ = epoch_plans(0, "async", 2)
+    assert len(plans) == 6
+    pipeline = Pipeline(server, "async", 0, 2, accumulation=2)
+    pipeline.start_epoch(0, plans, {0, 2, 3})
+    done = [pipeline.step(version).number for version in range(3)]
+    assert sorted(done) == [1, 4, 5] and pipeline.applied == set(range(6))
+    handed_out = sorted(int(i) for assigned in a.assigned + b.assigned for i in assigned)
+    expected = sorted(int(i) for tick in (1, 4, 5) for mb in plans[tick].micro_batches for i in mb)
+    assert handed_out == expected  # the samples of ticks 1, 4 and 5, each once: none of 0, 2, 3 again
+
+
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+def test_answers_that_arrive_while_the_server_is_busy_between_steps_are_not_late(make_server, mode):
+    """Shares stay out across steps in these modes; a pause between steps (a validation, a checkpoint)
+    longer than the round timeout must not turn the answers that came in meanwhile into late ones."""
+    server = make_server(samples=48, round_timeout=0.3)
+    join(server, model_worker(server, "a"), model_worker(server, "b"))
+    train_steps(server, mode, 2, staleness=2, epochs=1, between=lambda epoch, step: step and time.sleep(0.5))
+    assert not [e for e in server.events if e["event"] in ("straggler", "left")], server.events
+    report = server.accounting.report()[0]
+    assert report["every_sample_exactly_once"] and report["reassigned_samples"] == 0, report
+
+
 @pytest.mark.parametrize("mode", ["async", "ssp"])
 def test_every_sample_is_used_once_per_epoch_when_a_worker_dies_mid_epoch_and_another_joins(make_server, mode):
     server = make_server(samples=48)

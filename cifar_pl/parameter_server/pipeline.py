@@ -59,22 +59,25 @@ class TickPlan:
 
 class StalenessStats:
     """How stale the applied contributions were: optimizer steps applied between the parameters a
-    contribution was computed on and the step that applied it. Bounded memory: a histogram."""
+    contribution was computed on and the step that applied it. Bounded memory: a histogram, and a count,
+    sum and max since telemetry last read them."""
 
     def __init__(self) -> None:
         self.histogram: collections.Counter[int] = collections.Counter()
-        self._recent: list[int] = []  # since telemetry last read them
+        self._recent_count = self._recent_sum = self._recent_max = 0  # since telemetry last read them
 
     def add(self, values: list[int]) -> None:
         self.histogram.update(values)
-        self._recent.extend(values)
+        if values:
+            self._recent_count += len(values)
+            self._recent_sum += sum(values)
+            self._recent_max = max(self._recent_max, *values)
 
     def recent(self) -> tuple[float, int]:
-        """Mean and max since the last call (telemetry), or of the whole run if none came since."""
-        values, self._recent = self._recent, []
-        if not values:
-            return 0.0, 0
-        return sum(values) / len(values), max(values)
+        """Mean and max since the last call (telemetry); (0.0, 0) when no contribution came since."""
+        count, total, worst = self._recent_count, self._recent_sum, self._recent_max
+        self._recent_count = self._recent_sum = self._recent_max = 0
+        return (total / count if count else 0.0), worst
 
     def report(self) -> dict[str, Any]:
         count = sum(self.histogram.values())
@@ -188,6 +191,10 @@ class Pipeline:
             conn.reader.restart_clock()
         started = time.perf_counter()
         timings = {"send": 0.0, "wait": 0.0, "aggregate": 0.0}
+        # shares stay out across steps here: answers that came in while the server was away (its step, a
+        # validation, a checkpoint) are read before any deadline is judged, so punctual ones are not late
+        for conn, item in server._poll(0.0):
+            self.take(conn, item)
         while True:
             tick = self._ready()
             if tick is not None:
