@@ -320,3 +320,40 @@ def test_async_training_is_interrupted_mid_epoch_resumes_and_completes_its_exact
     for tag in ("ps/live_workers", "ps/step_ms", "ps/staleness_mean", "ps/reassigned_samples"):
         assert scalars.get(tag), tag
     assert {value for _, value in scalars["ps/live_workers"]} == {2.0}
+
+
+def test_a_worker_given_two_shares_at_one_version_starts_each_from_the_statistics_it_was_sent(tmp_path):
+    """ssp hands a worker that is ahead, and any mode a survivor taking over a share, a second share without
+    new parameters: its BatchNorm running statistics must start from those the server sent, not from those
+    the first share moved (the server averages them as one update each). A real worker, over a socket."""
+    import socket
+
+    cfg = compose_config(tmp_path, PS_TINY)
+    datamodule, model = instantiate(cfg.data, _convert_="all"), instantiate(cfg.model, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    worker = Worker(model, datamodule, "32-true", WorkerSettings(address="127.0.0.1:9", name="w"))
+    floats, ints = worker.flat.buffers_flat()
+    params = Message(MessageType.PARAMS, {"version": 0}, [worker.flat.params_flat(), floats, ints])
+    indices = torch.arange(32, dtype=torch.int64)
+    server_end, worker_end = socket.socketpair()
+    thread = threading.Thread(target=worker.serve, args=(worker_end,), daemon=True)
+    thread.start()
+    try:
+        wire.send_message(server_end, params, timeout=5)
+        replies = []
+        for assignment in (1, 2):  # the same samples twice, at the same version
+            meta = {"round": 0, "assignment": assignment, "epoch": 0, "divisor": 1}
+            sizes = torch.tensor([16, 16], dtype=torch.int64)
+            wire.send_message(server_end, Message(MessageType.ASSIGN, meta, [indices, sizes]), timeout=5)
+            reply = wire.recv_message(server_end, 2**25, timeout=30)
+            replies.append([t.clone() for t in reply.tensors])
+        wire.send_message(server_end, Message(MessageType.DONE, {"reason": "test over"}, []), timeout=5)
+        thread.join(10)
+    finally:
+        server_end.close()
+        worker_end.close()
+    assert not thread.is_alive()
+    first, second = replies
+    assert not torch.equal(first[1], floats)  # the share moved the statistics...
+    assert torch.equal(second[1], first[1]) and torch.equal(second[0], first[0])  # ...from the same start

@@ -193,13 +193,18 @@ class Worker:
     def serve(self, sock: socket.socket) -> int:
         s = self.settings
         reader = wire.FrameReader(s.max_frame)  # one receive buffer for the connection: handled before the next read
+        sent_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         while True:
             message = reader.recv(sock, timeout=s.frame_timeout, idle_timeout=s.idle_timeout)
             if message.type == MessageType.PARAMS:
                 params, floats, ints = message.tensors
                 self.flat.load_params(params)
-                self.flat.load_buffers(floats, ints)
+                sent_buffers = (floats.clone(), ints.clone())  # the frame's tensors are views on the buffer
             elif message.type == MessageType.ASSIGN:
+                if sent_buffers is not None:
+                    # every share starts from the BatchNorm statistics the server sent, also a second share at
+                    # the same version (ssp ahead, a taken-over share), not from those the last one moved
+                    self.flat.load_buffers(*sent_buffers)
                 started = time.perf_counter()
                 reply = self.compute(message)
                 if s.slowdown > 1.0:
