@@ -183,7 +183,7 @@ def test_answers_that_arrive_while_the_server_is_busy_between_steps_are_not_late
     longer than the round timeout must not turn the answers that came in meanwhile into late ones."""
     server = make_server(samples=48, round_timeout=0.3)
     join(server, model_worker(server, "a"), model_worker(server, "b"))
-    train_steps(server, mode, 2, staleness=2, epochs=1, between=lambda epoch, step: step and time.sleep(0.5))
+    train_steps(server, mode, 2, staleness=2, epochs=1, between=lambda epoch, step: step in (1, 2) and time.sleep(0.5))
     assert not [e for e in server.events if e["event"] in ("straggler", "left")], server.events
     report = server.accounting.report()[0]
     assert report["every_sample_exactly_once"] and report["reassigned_samples"] == 0, report
@@ -211,7 +211,8 @@ def test_every_sample_is_used_once_per_epoch_when_a_worker_dies_mid_epoch_and_an
     train_steps(server, mode, 2, staleness=1, epochs=3, between=join_late)
     report = server.accounting.report()
     assert [e["every_sample_exactly_once"] for e in report] == [True, True, True]
-    assert report[0]["reassigned_samples"] > 0  # the dead worker's piece went to another
+    # the dead worker's piece went to another, in whichever epoch its third share fell (async: order of arrival)
+    assert sum(e["reassigned_samples"] for e in report) > 0
     assert doomed.failure is None and late.assigned and len(late.assigned) >= 2
     assert [e["event"] for e in server.events].count("left") == 1
     ticks = len(epoch_plans(0, mode, 2)[0])
