@@ -100,6 +100,7 @@ def check_paired(summary: dict, repeats: int) -> None:
     assert 0 <= summary["ci_coverage"] < 1
 
 
+@pytest.mark.slow
 def test_pipeline_benchmark(smoke_runs):
     figures = figures_of(smoke_runs, "pipeline")
     assert set(figures) == {
@@ -123,6 +124,7 @@ def test_pipeline_benchmark(smoke_runs):
     assert figures["threads"] >= 1
 
 
+@pytest.mark.slow
 def test_strategies_benchmark(smoke_runs):
     figures = figures_of(smoke_runs, "strategies")
     assert set(figures) == {
@@ -156,6 +158,7 @@ def test_strategies_benchmark(smoke_runs):
         assert figures[key] == paired[key]["median"]
 
 
+@pytest.mark.slow
 def test_server_load_benchmark(smoke_runs):
     figures = figures_of(smoke_runs, "server-load")
     assert set(figures) == {
@@ -228,6 +231,7 @@ def test_server_load_benchmark(smoke_runs):
 # --- the statistics every benchmark reports ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ps_modes_benchmark(smoke_runs):
     """sync, ssp and async with the second worker 2x slower: the figures of each mode, the paired ratios, and
     the staleness each mode had (none in sync)."""

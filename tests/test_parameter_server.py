@@ -227,6 +227,7 @@ def test_a_worker_joining_mid_run_takes_part_in_later_rounds(tmp_path, monkeypat
     assert "requires a shared secret" in outsider.outsider
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "strategy",
     [
