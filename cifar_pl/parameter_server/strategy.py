@@ -230,6 +230,19 @@ def check_exposure(address: str, secret: bytes | None, allow_insecure: bool) -> 
     )
 
 
+def _with_resume_advice(error: RejectedMicroBatchError, where: str) -> RejectedMicroBatchError:
+    """The server's error, told where the round sits in the training run and how the run goes on."""
+    return RejectedMicroBatchError(
+        error.epoch,
+        error.round,
+        error.position,
+        error.indices,
+        error.reasons,
+        f"({where}) last.ckpt is written as the run stops (callbacks.last_checkpoint), so it can go on from "
+        f"there with ckpt_path=<run directory>/checkpoints/last.ckpt and the changed setting.",
+    )
+
+
 class ParameterServerStrategy(SingleDeviceStrategy):
     """A socket parameter server as a Lightning strategy (see the module docstring).
 
@@ -473,16 +486,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
                 planned_workers=self.workers,
             )
         except RejectedMicroBatchError as error:
-            raise RejectedMicroBatchError(
-                error.epoch,
-                error.round,
-                error.position,
-                error.indices,
-                error.reasons,
-                f"(Round {error.round} of the run is round {plan.index + 1} of epoch {plan.epoch}.) last.ckpt is "
-                f"written as the run stops (callbacks.last_checkpoint), so it can go on from there with "
-                f"ckpt_path=<run directory>/checkpoints/last.ckpt and the changed setting.",
-            ) from None
+            where = f"Round {error.round} of the run is round {plan.index + 1} of epoch {plan.epoch}."
+            raise _with_resume_advice(error, where) from None
         self.staleness_stats.add([0] * result.accepted)  # a sync round computes on the newest parameters only
         return self._apply(result, batch_idx)
 
@@ -528,16 +533,8 @@ class ParameterServerStrategy(SingleDeviceStrategy):
         try:
             tick = pipeline.step(version=module.trainer.global_step)
         except RejectedMicroBatchError as error:
-            raise RejectedMicroBatchError(
-                error.epoch,
-                error.round,
-                error.position,
-                error.indices,
-                error.reasons,
-                f"(Here the round is step {error.round} of epoch {plan.epoch} in strategy.mode={self.mode}.) "
-                f"last.ckpt is written as the run stops (callbacks.last_checkpoint), so it can go on from there "
-                f"with ckpt_path=<run directory>/checkpoints/last.ckpt and the changed setting.",
-            ) from None
+            where = f"Here the round is step {error.round} of epoch {plan.epoch} in strategy.mode={self.mode}."
+            raise _with_resume_advice(error, where) from None
         self.staleness_stats.add(tick.staleness)
         return self._apply(tick.result, batch_idx)
 
