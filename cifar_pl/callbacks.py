@@ -104,7 +104,7 @@ class GracefulInterrupt(Callback):
     - on an epoch's last optimizer step or during its validation: once that validation and the epoch's
       checkpoints are done, so no epoch, the final one included, goes unvalidated.
 
-    A second Ctrl-C stops at once and saves nothing (``last.ckpt`` keeps the last consistent state). Before
+    A second Ctrl-C (SIGINT) stops at once and saves nothing (``last.ckpt`` keeps the last consistent state). Before
     training starts (data loading, sanity check) and during the final test, signals are not announced: Ctrl-C
     stops at once; a SIGTERM that arrived during the sanity check stops the run as training starts. With
     several DDP processes, they agree to stop every ``sync_every_n_steps`` optimizer steps and at every
@@ -116,11 +116,12 @@ class GracefulInterrupt(Callback):
     def __init__(self, sync_every_n_steps: int = 10) -> None:
         self.sync_every_n_steps = sync_every_n_steps
         self._requested: str | None = None
+        self._interrupted = False  # a SIGINT (Ctrl-C) came: the next one stops at once
         self._stop_after_epoch = False
         self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._requested, self._stop_after_epoch = None, False
+        self._requested, self._interrupted, self._stop_after_epoch = None, False, False
         # after Lightning's own SIGTERM handler is in place, which would stop after any batch, mid-window too
         if threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
@@ -130,10 +131,14 @@ class GracefulInterrupt(Callback):
             raise StopRequested(self._requested)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        pressed_twice = signum == signal.SIGINT and self._interrupted
+        self._interrupted = self._interrupted or signum == signal.SIGINT
         if self._requested:
-            if signum == signal.SIGINT:  # pressed twice: stop now
+            if pressed_twice:  # stop now
                 raise KeyboardInterrupt
-            return  # a SIGTERM on top (e.g. passed on by a DDP launcher) asks for nothing new
+            # a SIGTERM on top asks for nothing new, nor does the terminal's SIGINT after the SIGTERM that a
+            # DDP launcher made of the same Ctrl-C and that got here first
+            return
         self._requested = signal.Signals(signum).name
         print(
             f"\n{self._requested}: stopping at the end of this optimizer step (after this epoch's validation if it "

@@ -234,11 +234,12 @@ class KillWorkerAt(L.Callback):
 
 
 class SignalSelfAt(L.Callback):
-    """Sends a real signal (SIGINT, SIGTERM, SIGKILL) as batch ``batch`` of epoch ``epoch`` starts (a round, on a
-    parameter server), from rank 0 (``every_rank``: from every rank), ``times`` times, then waits ``pause``
-    seconds. ``target``: ``self`` (this process), ``group`` (its process group, as Ctrl-C in a terminal does:
-    start it in a session of its own; ``group=true`` says the same) or ``launcher`` (the process group of the
-    process that started this one: a torchrun launcher, which passes the signal on to its workers)."""
+    """Sends a real signal (SIGINT, SIGTERM, SIGKILL; ``SIGTERM+SIGINT``: both, in that order) as batch
+    ``batch`` of epoch ``epoch`` starts (a round, on a parameter server), from rank 0 (``every_rank``: from
+    every rank), ``times`` times, then waits ``pause`` seconds. ``target``: ``self`` (this process), ``group``
+    (its process group, as Ctrl-C in a terminal does: start it in a session of its own; ``group=true`` says
+    the same) or ``launcher`` (the process group of the process that started this one: a torchrun launcher,
+    which passes the signal on to its workers)."""
 
     def __init__(
         self,
@@ -262,14 +263,15 @@ class SignalSelfAt(L.Callback):
             import signal as signals
             import time
 
-            number = getattr(signals, self.signal)
             for _ in range(self.times):
-                if self.target == "group":
-                    os.killpg(os.getpgid(0), number)
-                elif self.target == "launcher":
-                    os.killpg(os.getpgid(os.getppid()), number)
-                else:
-                    os.kill(os.getpid(), number)
+                for name in self.signal.split("+"):  # "SIGTERM+SIGINT": one after the other
+                    number = getattr(signals, name)
+                    if self.target == "group":
+                        os.killpg(os.getpgid(0), number)
+                    elif self.target == "launcher":
+                        os.killpg(os.getpgid(os.getppid()), number)
+                    else:
+                        os.kill(os.getpid(), number)
             time.sleep(self.pause)
 
 
