@@ -34,21 +34,26 @@ def one_cycle_warmup(pct_start: float, total_steps: int) -> float:
     return pct_start / 2 if math.isclose(pct_start * total_steps, 1.0) else pct_start
 
 
-def use_test_time_flip(model: L.LightningModule, datamodule: L.LightningDataModule, enabled: bool) -> None:
-    """Switch test-time augmentation (``tta=true``) on or off, refusing it for data whose config does not
-    say that mirror images keep their class (``data.flip``): averaging over a mirror would then mix classes."""
+def use_test_time_flip(model: L.LightningModule, datamodule: L.LightningDataModule, enabled: bool | None) -> bool:
+    """Switch test-time augmentation on or off (``tta=true|false``; ``None``: as the data config says,
+    ``data.tta``) and return which, refusing it for data whose config does not say that mirror images keep
+    their class (``data.flip``): averaging over a mirror would then mix classes."""
+    asked = "tta=true" if enabled else "data.tta=true"
+    if enabled is None:
+        enabled = bool(getattr(datamodule, "tta", False))
     if not isinstance(model, ImageClassifier):
         if enabled:
-            raise ConfigurationError(f"tta=true needs an ImageClassifier model, not {type(model).__name__}.")
-        return
+            raise ConfigurationError(f"{asked} needs an ImageClassifier model, not {type(model).__name__}.")
+        return False
     if enabled and not getattr(datamodule, "flip", False):
         raise ConfigurationError(
-            f"tta=true averages each test image's logits with its mirror image's, but the data config of "
+            f"{asked} averages each test image's logits with its mirror image's, but the data config of "
             f"{getattr(datamodule, 'dataset', type(datamodule).__name__)} says mirror images may not keep their "
-            f"class (data.flip=false). Leave out tta=true, or set data.flip=true if horizontal flips are "
+            f"class (data.flip=false). Set tta=false, or data.flip=true if horizontal flips are "
             f"label-preserving for this data."
         )
     model.test_time_flip = enabled
+    return enabled
 
 
 class ImageClassifier(L.LightningModule):

@@ -115,12 +115,14 @@ NON_NEGATIVE_NUMBER = Rule(lambda v: _is_number(v) and v >= 0, "a number, 0 or m
 OPTIONAL_NON_NEGATIVE = Rule(lambda v: v is None or (_is_number(v) and v >= 0), "a number, 0 or more, or null (off)")
 WHOLE = Rule(_is_int, "a whole number")
 BOOLEAN = Rule(lambda v: isinstance(v, bool), "true or false")
+OPTIONAL_BOOLEAN = Rule(lambda v: v is None or isinstance(v, bool), "true, false or null (the data config's data.tta)")
 
 TRAIN_RULES: dict[str, Rule] = {
     "seed": WHOLE,
     "num_threads": optional_whole(1, "CPU threads", "every core this process may use"),
     "test_after_fit": BOOLEAN,
-    "tta": BOOLEAN,
+    "tta": OPTIONAL_BOOLEAN,
+    "data.tta": BOOLEAN,
     "trainer.max_epochs": whole(1, "epochs", MAX_EPOCHS_HINT),
     "trainer.accumulate_grad_batches": whole(1, "batches per optimizer step"),
     "trainer.log_every_n_steps": whole(1, "optimizer steps"),
@@ -177,7 +179,8 @@ EVALUATE_RULES: dict[str, Rule] = {
     "seed": WHOLE,
     "num_threads": TRAIN_RULES["num_threads"],
     "eval_batch_size": whole(1, "images per batch"),
-    "tta": BOOLEAN,
+    "tta": OPTIONAL_BOOLEAN,
+    "data.tta": BOOLEAN,
     "data.eval_batch_size": whole(1, "images per batch"),
     "data.options.test_size": whole(1, "images"),
 }

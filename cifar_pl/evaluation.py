@@ -129,7 +129,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model.load_state_dict(checkpoint["state_dict"])
     datamodule = build_datamodule(cfg, checkpoint, ckpt_path)
     _check_compatible(model, datamodule)
-    use_test_time_flip(model, datamodule, bool(cfg.get("tta", False)))
+    use_test_time_flip(model, datamodule, cfg.get("tta"))
 
     logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
     trainer = L.Trainer(

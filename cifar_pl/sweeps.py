@@ -48,8 +48,9 @@ RESULT_COLUMNS = [
     "params",
     "error",
 ]
-# columns a table gets when any of its jobs reports them (parameter-server runs: their throughput and staleness)
-OPTIONAL_COLUMNS = ["samples_per_s", "staleness_mean"]
+# columns a table gets when any of its jobs reports them: runs tested with mirror images (tta), their
+# single-view accuracy; parameter-server runs, their throughput and staleness
+OPTIONAL_COLUMNS = ["test/acc_single_view", "samples_per_s", "staleness_mean"]
 
 
 @dataclass
@@ -149,7 +150,7 @@ def swept_keys(jobs: list[Job]) -> list[str]:
 
 def _format(value: Any, column: str) -> str:
     if isinstance(value, float):
-        if column.split(" ")[0].endswith("acc"):  # "test/acc", "test/acc mean", ...
+        if "/acc" in column.split(" ")[0]:  # "test/acc", "test/acc mean", "test/acc_single_view", ...
             return f"{value:.4f}"
         return f"{value:.1f}" if "seconds" in column else f"{value:.4g}"
     return str(value).replace("|", "\\|").replace("\n", " ")

@@ -141,7 +141,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule: L.LightningDataModule = instantiate(cfg.data, _convert_="all")
     model: L.LightningModule = instantiate(cfg.model, _convert_="all")
-    use_test_time_flip(model, datamodule, bool(cfg.get("tta", False)))  # refused before training, not after
+    tta = use_test_time_flip(model, datamodule, cfg.get("tta"))  # refused before training, not after
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = build_trainer(cfg, instantiate_callbacks(cfg.get("callbacks")), logger)
     if trainer.is_global_zero:
@@ -156,7 +156,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "precision": str(trainer.precision),
         "threads": threads,
         "seed": cfg.seed,
-        "tta": bool(cfg.get("tta", False)),
+        "tta": tta,
         "overrides": hydra_overrides(),
         "run_dir": str(run_dir),
     }

@@ -140,6 +140,7 @@ def test_the_ablation_experiment_sweeps_every_setting_over_two_seeds_at_8_epochs
     swept = params["+ablation"].split(",")
     assert swept[0] == "baseline" and sorted(swept) == _ablation_settings()
     assert cfg.data.dataset == "fashion_mnist" and cfg.trainer.max_epochs == 8
+    assert cfg.tta is False  # single view, as the table was measured
 
 
 def test_each_ablation_setting_changes_the_old_recipe_as_it_says():
@@ -193,6 +194,10 @@ def test_the_dataset_option_alone_gets_the_chosen_recipe(tmp_path, dataset):
     dropout = [m.p for m in model.net.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropout == [CHOSEN_MODEL["model.dropout"]] * 2  # placement "both": after each hidden layer
     assert model.label_smoothing == CHOSEN_MODEL["model.label_smoothing"]
+    # the final test: mirror-averaged for Fashion-MNIST, one view for CIFAR-10 (tta left to the data config)
+    assert cfg.tta is None
+    assert use_test_time_flip(model, datamodule, cfg.tta) is {"fashion_mnist": True, "cifar10": False}[dataset]
+    assert model.test_time_flip is (dataset == "fashion_mnist")
 
 
 @pytest.mark.parametrize("dataset", sorted(CHOSEN))

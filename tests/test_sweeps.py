@@ -250,3 +250,15 @@ def test_a_parameter_server_sweep_gets_throughput_and_staleness_columns_and_accu
     _fixture_job(other, "0_x", ["trainer.max_epochs=1"], {"status": "completed", "epochs": 1, "test/acc": 0.3})
     assert not summarize_sweep(other).files[-1].name.startswith("accuracy_vs_time")
     assert "samples_per_s" not in _rows(other)[0]
+
+
+def test_a_sweep_of_runs_tested_with_mirror_images_keeps_their_single_view_accuracy(tmp_path):
+    """Fashion-MNIST's test averages in mirror images (data.tta): the table shows the single view beside it."""
+    sweep = tmp_path / "sweep"
+    for i, (epochs, tta, single) in enumerate([(1, 0.8861, 0.8804), (2, 0.9051, 0.9003)]):
+        metrics = {"status": "completed", "epochs": epochs, "test/acc": tta, "test/acc_single_view": single}
+        _fixture_job(sweep, f"{i}_trainer.max_epochs={epochs}", [f"trainer.max_epochs={epochs}"], metrics)
+    summarize_sweep(sweep)
+    rows = _rows(sweep)
+    assert [(r["test/acc"], r["test/acc_single_view"]) for r in rows] == [("0.8861", "0.8804"), ("0.9051", "0.9003")]
+    assert "| 0.8861 | " in (sweep / "results.md").read_text() and "0.9003" in (sweep / "results.md").read_text()

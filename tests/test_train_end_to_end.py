@@ -13,8 +13,8 @@ from tests.helpers import TINY_SYNTHETIC, compose_config, run_script, tensorboar
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> tuple[Path, Path, str]:
-    """One short synthetic training run through ``python train.py``, tested with and without test-time
-    flips (``tta=true``); returns (cwd, run_dir, stdout)."""
+    """One short synthetic training run through ``python train.py`` whose data config asks for test-time
+    flips (``data.tta=true``, as Fashion-MNIST's does); returns (cwd, run_dir, stdout)."""
     cwd = tmp_path_factory.mktemp("e2e")
     run_dir = cwd / "run"
     result = run_script(
@@ -24,7 +24,7 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path, str]:
             "data.batch_size=8",
             "trainer.max_epochs=1",
             "trainer.log_every_n_steps=1",
-            "tta=true",
+            "data.tta=true",
             f"hydra.run.dir={run_dir}",
         ],
         cwd=cwd,
@@ -86,9 +86,10 @@ def test_evaluate_the_checkpoint_train_wrote(trained_run):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     evaluation = json.loads((eval_dir / "evaluation.json").read_text())
     assert evaluation["dataset"] == "synthetic" and evaluation["num_images"] == 256
-    # same weights, same data, one view of each image (the training run's test also had their mirrors)
-    assert evaluation["test/acc"] == pytest.approx(metrics["test/acc_single_view"], abs=1e-6)
-    assert evaluation["tta"] is False and "test/acc_single_view" not in evaluation
+    # same weights, same data, tested as the checkpoint's data config says: with mirror images
+    assert evaluation["tta"] is True and "With test-time flips" in result.stdout + result.stderr
+    assert evaluation["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert evaluation["test/acc_single_view"] == pytest.approx(metrics["test/acc_single_view"], abs=1e-6)
     assert sum(map(sum, evaluation["confusion_matrix"])) == 256
     per_class = evaluation["per_class_accuracy"]
     assert len(per_class) == 10 and "class_0" in result.stdout and "overall" in result.stdout
@@ -97,15 +98,14 @@ def test_evaluate_the_checkpoint_train_wrote(trained_run):
     assert "test/acc" in tensorboard_scalars(eval_dir / "tensorboard")
 
 
-def test_evaluate_with_test_time_flips_matches_the_training_runs_test(trained_run, tmp_path):
+def test_evaluate_with_tta_false_tests_one_view_of_each_image(trained_run, tmp_path):
     _, run_dir, _ = trained_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    cfg = compose_config(tmp_path, [f"ckpt_path={metrics['checkpoint']}", "tta=true"], config_name="evaluate")
+    cfg = compose_config(tmp_path, [f"ckpt_path={metrics['checkpoint']}", "tta=false"], config_name="evaluate")
     evaluation = evaluate(cfg)
-    assert evaluation["tta"] is True
-    assert evaluation["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
-    assert evaluation["test/acc_single_view"] == pytest.approx(metrics["test/acc_single_view"], abs=1e-6)
-    assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["tta"] is True
+    assert evaluation["tta"] is False and "test/acc_single_view" not in evaluation
+    assert evaluation["test/acc"] == pytest.approx(metrics["test/acc_single_view"], abs=1e-6)
+    assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["tta"] is False
 
 
 def test_evaluate_with_a_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -32,6 +32,9 @@ class ImageDataModule(L.LightningDataModule):
     """Any of the supported datasets (``SOURCES``), with a validation hold-out of ``val_size`` training
     images chosen by ``seed``; the official test split is the test set.
 
+    ``tta`` is how this data is tested when ``tta`` is not given to train.py or evaluate.py: with each image's
+    logits averaged with its mirror image's (for data whose flips keep the class, ``flip``), or one view.
+
     ``num_classes`` and ``channels`` are declared in the data config (the model config reads them) and are
     checked against the files when they are loaded.
     """
@@ -52,6 +55,7 @@ class ImageDataModule(L.LightningDataModule):
         augment: bool = True,
         crop_padding: int = 4,
         flip: bool = True,
+        tta: bool = False,
         num_workers: int = 0,
         options: dict[str, Any] | None = None,
     ) -> None:
@@ -67,6 +71,8 @@ class ImageDataModule(L.LightningDataModule):
         # the data config's word that mirror images keep their class: training flips half the images when
         # augmenting, and a test may average each image's logits with its mirror's (``tta=true``)
         self.flip = flip
+        # whether the final test averages each image's logits with its mirror's unless told (top-level tta)
+        self.tta = tta
         self.root = Path(root).expanduser()
         self.source = SOURCES[dataset](**options)
         self.transform = BatchTransform(
