@@ -284,8 +284,26 @@ def unknown_key_error(key: str, known: Iterable[str], owner: str, entry_point: s
     )
 
 
+# the top-level keys of each entry point's config: conf/<train|evaluate>.yaml's own and its groups'
+TOP_LEVEL_KEYS = {
+    "train.py": {
+        *("task_name", "seed", "num_threads", "ckpt_path", "test_after_fit", "tta"),
+        *("data", "model", "trainer", "strategy", "callbacks", "logger", "paths"),
+    },
+    "evaluate.py": {
+        *("task_name", "ckpt_path", "seed", "num_threads", "data_root", "eval_batch_size", "accelerator"),
+        *("precision", "tta", "data", "paths"),
+    },
+}
+
+
 def check_keys(cfg: DictConfig, entry_point: str = "train.py") -> None:
-    """Every key of a node with a ``_target_`` must be a parameter of that target."""
+    """Every top-level key must be one the entry point reads (``+num_thread=2`` would otherwise be ignored
+    without a word), and every key of a node with a ``_target_`` a parameter of that target."""
+    known = TOP_LEVEL_KEYS[entry_point]
+    for key in map(str, cfg):
+        if key not in known and key != "hydra":
+            raise unknown_key_error(key, known, entry_point, entry_point)
     for path, node in _targets(cfg):
         accepted = accepted_keys(str(node["_target_"]))
         if accepted is None:

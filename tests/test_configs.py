@@ -9,6 +9,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from cifar_pl.config_checks import TOP_LEVEL_KEYS
 from cifar_pl.training import build_trainer, instantiate_callbacks
 from tests.helpers import CONF, compose_config
 
@@ -78,3 +79,14 @@ def test_evaluate_config_composes(tmp_path):
     assert cfg.get("data") is None and cfg.ckpt_path == "x.ckpt"
     cfg = compose_config(tmp_path, ["ckpt_path=x.ckpt", "data=fashion_mnist"], config_name="evaluate")
     assert cfg.data.dataset == "fashion_mnist" and Path(cfg.data.root) == tmp_path / "data"
+
+
+@pytest.mark.parametrize("entry_point", sorted(TOP_LEVEL_KEYS))
+def test_the_top_level_keys_checked_are_those_of_the_entry_points_config(entry_point):
+    """The config checks refuse any other top-level key: the list must follow conf/train.yaml and evaluate.yaml."""
+    primary = OmegaConf.load(CONF / entry_point.replace(".py", ".yaml"))
+    groups = {str(next(iter(d))) for d in primary.defaults if isinstance(d, DictConfig)}
+    assert TOP_LEVEL_KEYS[entry_point] == (set(map(str, primary)) - {"defaults", "hydra"}) | groups - {
+        "hydra",
+        "experiment",
+    }

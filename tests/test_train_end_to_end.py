@@ -74,6 +74,8 @@ def test_train_logs_scalars_to_tensorboard(trained_run):
 def test_train_tells_the_user_where_things_are(trained_run):
     _, run_dir, output = trained_run
     assert f"tensorboard --logdir {run_dir}" in output
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert f"with mirror images (tta); one view: {metrics['test/acc_single_view']:.4f}" in output
     assert str(run_dir / "checkpoints") in output
     assert "Traceback" not in output and "16-mixed` but AMP with fp16 is not supported" not in output
 

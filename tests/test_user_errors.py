@@ -46,6 +46,7 @@ BAD_VALUES = [
     (["model.dropout_placement=middle"], ["model.dropout_placement=middle", "one of both, first, last"]),
     (["model.label_smoothing=1"], ["model.label_smoothing=1", "[0, 1)"]),
     (["tta=yes"], ["tta=yes", "true, false or null"]),
+    (["+num_thread=2"], ["num_thread is not a setting of train.py", "Did you mean num_threads?"]),
     (["data.tta=1"], ["data.tta=1", "true or false"]),
     (["data.flip=false", "tta=true"], ["tta=true", "data.flip=false", "Set tta=false"]),
     (["data.flip=false", "data.tta=true"], ["data.tta=true", "data.flip=false", "Set tta=false"]),
@@ -113,6 +114,14 @@ def test_a_trainer_lightning_refuses_is_a_user_error_and_leaves_metrics_json(tmp
     assert "error: Lightning refused the settings: `Trainer(devices=0)`" in capsys.readouterr().err
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["status"] == "failed" and "devices=0" in record["error"]
+
+
+def test_evaluate_refuses_a_top_level_key_it_does_not_read(tmp_path):
+    cfg = compose_config(tmp_path, ["ckpt_path=x.ckpt", "+eval_batchsize=64"], config_name="evaluate")
+    with pytest.raises(
+        ConfigurationError, match=r"eval_batchsize is not a setting of evaluate\.py\. Did you mean eval_batch_size"
+    ):
+        evaluate(cfg)
 
 
 def test_evaluate_without_ckpt_path_says_what_to_pass(tmp_path):
