@@ -6,6 +6,7 @@ the network from the checkpoint alone, without this project's configs.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -20,6 +21,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from cifar_pl.errors import ConfigurationError
 from cifar_pl.models import DROPOUT_PLACEMENTS, build_network, count_parameters
 from cifar_pl.trainer_state import log_every_n_steps, process_rank
+
+log = logging.getLogger(__name__)
 
 
 def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
@@ -36,16 +39,26 @@ def one_cycle_warmup(pct_start: float, total_steps: int) -> float:
 
 def use_test_time_flip(model: L.LightningModule, datamodule: L.LightningDataModule, enabled: bool | None) -> bool:
     """Switch test-time augmentation on or off (``tta=true|false``; ``None``: as the data config says,
-    ``data.tta``) and return which, refusing it for data whose config does not say that mirror images keep
-    their class (``data.flip``): averaging over a mirror would then mix classes."""
+    ``data.tta``, if training flipped images) and return which, refusing it for data whose config does not
+    say that mirror images keep their class (``data.flip``): averaging over a mirror would then mix classes.
+    A network trained without flips never saw mirror images, and averaging them in cost it 0.5-1.1 points
+    (docs/experiments.md): the data config's default leaves it single view, ``tta=true`` gets a warning."""
     asked = "tta=true" if enabled else "data.tta=true"
+    mirrors_keep_class = bool(getattr(datamodule, "flip", False))
+    trained_on_mirrors = bool(getattr(getattr(datamodule, "transform", None), "flip", False))
     if enabled is None:
-        enabled = bool(getattr(datamodule, "tta", False))
+        enabled = bool(getattr(datamodule, "tta", False)) and (trained_on_mirrors or not mirrors_keep_class)
+    elif enabled and mirrors_keep_class and not trained_on_mirrors:
+        log.warning(
+            "tta=true averages each test image's logits with its mirror image's, but this data trains without "
+            "flips (data.augment=false): the network never saw mirror images, and averaging them in has cost "
+            "0.5-1.1 points of test accuracy (docs/experiments.md)."
+        )
     if not isinstance(model, ImageClassifier):
         if enabled:
             raise ConfigurationError(f"{asked} needs an ImageClassifier model, not {type(model).__name__}.")
         return False
-    if enabled and not getattr(datamodule, "flip", False):
+    if enabled and not mirrors_keep_class:
         raise ConfigurationError(
             f"{asked} averages each test image's logits with its mirror image's, but the data config of "
             f"{getattr(datamodule, 'dataset', type(datamodule).__name__)} says mirror images may not keep their "

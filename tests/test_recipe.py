@@ -200,6 +200,16 @@ def test_the_dataset_option_alone_gets_the_chosen_recipe(tmp_path, dataset):
     assert model.test_time_flip is (dataset == "fashion_mnist")
 
 
+def test_a_network_trained_without_flips_is_tested_single_view_unless_asked(tmp_path, caplog):
+    """Mirror images it never saw cost such a network up to a point: Fashion-MNIST's default test (data.tta)
+    leaves them out when training did, and tta=true still averages them in, with a warning."""
+    cfg = compose_config(tmp_path, ["data=fashion_mnist", "data.augment=false"])
+    datamodule, model = instantiate(cfg.data, _convert_="all"), instantiate(cfg.model, _convert_="all")
+    assert use_test_time_flip(model, datamodule, cfg.tta) is False and not caplog.records
+    assert use_test_time_flip(model, datamodule, True) is True and model.test_time_flip
+    assert "trains without flips (data.augment=false)" in caplog.text
+
+
 @pytest.mark.parametrize("dataset", sorted(CHOSEN))
 def test_both_networks_train_with_the_same_recipe(tmp_path, dataset):
     cnn, legacy = (compose_config(tmp_path, [f"data={dataset}", f"model={arch}"]) for arch in ("cnn", "legacy"))
