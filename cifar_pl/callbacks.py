@@ -138,6 +138,13 @@ class GracefulInterrupt(Callback):
                 raise KeyboardInterrupt
             # a SIGTERM on top asks for nothing new, nor does the terminal's SIGINT after the SIGTERM that a
             # DDP launcher made of the same Ctrl-C and that got here first
+            if signum == signal.SIGINT:
+                print(
+                    f"\nSIGINT: already stopping at the end of this optimizer step ({self._requested} asked first); "
+                    f"Ctrl-C again to stop at once, without saving.",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return
         self._requested = signal.Signals(signum).name
         print(

@@ -37,35 +37,45 @@ def one_cycle_warmup(pct_start: float, total_steps: int) -> float:
     return pct_start / 2 if math.isclose(pct_start * total_steps, 1.0) else pct_start
 
 
-def use_test_time_flip(model: L.LightningModule, datamodule: L.LightningDataModule, enabled: bool | None) -> bool:
-    """Switch test-time augmentation on or off (``tta=true|false``; ``None``: as the data config says,
-    ``data.tta``, if training flipped images) and return which, refusing it for data whose config does not
-    say that mirror images keep their class (``data.flip``): averaging over a mirror would then mix classes.
-    A network trained without flips never saw mirror images, and averaging them in cost it 0.5-1.1 points
-    (docs/experiments.md): the data config's default leaves it single view, ``tta=true`` gets a warning."""
-    asked = "tta=true" if enabled else "data.tta=true"
+def use_test_time_flip(
+    model: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    enabled: bool | None,
+    trained_on_mirrors: bool | None = None,
+) -> bool:
+    """Switch test-time augmentation on or off and return which. ``enabled`` is ``tta=true|false``; ``None``
+    leaves it to the data config (``data.tta``), which asks for it only where training flipped images
+    (``trained_on_mirrors``; by default what ``datamodule`` trains with): a network that never saw mirror
+    images lost 0.5-1.1 points when they were averaged in (docs/experiments.md), so that default is one view,
+    and ``tta=true`` on such a network gets a warning. Asked for explicitly, it is refused for data whose
+    config does not say that mirror images keep their class (``data.flip``): averaging would mix classes."""
     mirrors_keep_class = bool(getattr(datamodule, "flip", False))
-    trained_on_mirrors = bool(getattr(getattr(datamodule, "transform", None), "flip", False))
-    if enabled is None:
-        enabled = bool(getattr(datamodule, "tta", False)) and (trained_on_mirrors or not mirrors_keep_class)
-    elif enabled and mirrors_keep_class and not trained_on_mirrors:
-        log.warning(
-            "tta=true averages each test image's logits with its mirror image's, but this data trains without "
-            "flips (data.augment=false): the network never saw mirror images, and averaging them in has cost "
-            "0.5-1.1 points of test accuracy (docs/experiments.md)."
+    if trained_on_mirrors is None:
+        trained_on_mirrors = bool(getattr(getattr(datamodule, "transform", None), "flip", False))
+    if enabled is None:  # the data config's default: quietly one view wherever mirrors cannot help
+        enabled = (
+            bool(getattr(datamodule, "tta", False))
+            and mirrors_keep_class
+            and trained_on_mirrors
+            and isinstance(model, ImageClassifier)
         )
-    if not isinstance(model, ImageClassifier):
-        if enabled:
-            raise ConfigurationError(f"{asked} needs an ImageClassifier model, not {type(model).__name__}.")
-        return False
-    if enabled and not mirrors_keep_class:
+    elif enabled and not isinstance(model, ImageClassifier):
+        raise ConfigurationError(f"tta=true needs an ImageClassifier model, not {type(model).__name__}.")
+    elif enabled and not mirrors_keep_class:
         raise ConfigurationError(
-            f"{asked} averages each test image's logits with its mirror image's, but the data config of "
+            f"tta=true averages each test image's logits with its mirror image's, but the data config of "
             f"{getattr(datamodule, 'dataset', type(datamodule).__name__)} says mirror images may not keep their "
-            f"class (data.flip=false). Set tta=false, or data.flip=true if horizontal flips are "
+            f"class (data.flip=false). Leave out tta=true, or set data.flip=true if horizontal flips are "
             f"label-preserving for this data."
         )
-    model.test_time_flip = enabled
+    elif enabled and not trained_on_mirrors:
+        log.warning(
+            "tta=true averages each test image's logits with its mirror image's, but this network was trained "
+            "without flips (data.augment=false): it never saw mirror images, and averaging them in has cost "
+            "0.5-1.1 points of test accuracy (docs/experiments.md)."
+        )
+    if isinstance(model, ImageClassifier):
+        model.test_time_flip = enabled
     return enabled
 
 

@@ -69,6 +69,14 @@ def build_datamodule(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) ->
     return ImageDataModule(**hparams)
 
 
+def trained_with_flips(checkpoint: dict[str, Any]) -> bool | None:
+    """Whether the run that wrote ``checkpoint`` trained on mirror images (None where it does not say)."""
+    hparams = checkpoint.get("datamodule_hyper_parameters")
+    if not hparams:
+        return None
+    return bool(hparams.get("augment", True) and hparams.get("flip", True))
+
+
 def _check_compatible(model: ImageClassifier, datamodule: ImageDataModule) -> None:
     m, d = model, datamodule
     if (m.num_classes, m.in_channels) != (d.num_classes, d.channels):
@@ -129,7 +137,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model.load_state_dict(checkpoint["state_dict"])
     datamodule = build_datamodule(cfg, checkpoint, ckpt_path)
     _check_compatible(model, datamodule)
-    use_test_time_flip(model, datamodule, cfg.get("tta"))
+    use_test_time_flip(model, datamodule, cfg.get("tta"), trained_with_flips(checkpoint))
 
     logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
     trainer = L.Trainer(
@@ -150,7 +158,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     print_accuracy_table(per_class, {n: int(c) for n, c in zip(classes, counts, strict=True)}, overall)
     if model.test_time_flip:
         log.info(
-            f"With test-time flips (tta=true): {overall:.4f}; each image alone: {results['test/acc_single_view']:.4f}"
+            f"With each image's mirror averaged in (tta): {overall:.4f}; each image alone: "
+            f"{results['test/acc_single_view']:.4f}"
         )
 
     dataset = datamodule.dataset

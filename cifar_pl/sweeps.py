@@ -48,9 +48,9 @@ RESULT_COLUMNS = [
     "params",
     "error",
 ]
-# columns a table gets when any of its jobs reports them: runs tested with mirror images (tta), their
-# single-view accuracy; parameter-server runs, their throughput and staleness
-OPTIONAL_COLUMNS = ["test/acc_single_view", "samples_per_s", "staleness_mean"]
+# columns a table gets when any of its jobs reports them: where a job was tested with mirror images averaged
+# in (tta), whether each was and every job's single-view accuracy; parameter-server runs' throughput and staleness
+OPTIONAL_COLUMNS = ["tta", "test/acc_single_view", "samples_per_s", "staleness_mean"]
 
 
 @dataclass
@@ -74,6 +74,8 @@ class Job:
         row: dict[str, Any] = {"job": self.number, **{key: self.overrides.get(key, "") for key in swept}}
         for column in columns:
             row[column] = self.metrics.get(column, "")
+        if self.metrics.get("tta") is False and "test/acc_single_view" in columns:
+            row["test/acc_single_view"] = self.metrics.get("test/acc", "")  # it was tested one view
         row["status"] = self.status
         return row
 
@@ -169,8 +171,14 @@ def _write_table(rows: list[dict[str, Any]], columns: list[str], sweep_dir: Path
     return [csv_path, md_path]
 
 
+def _reports(job: Job, column: str) -> bool:
+    """Whether ``job`` has a value for ``column`` (``"tta": false``, a job tested one view, does not count)."""
+    value = job.metrics.get(column)
+    return value is not None and value is not False
+
+
 def write_tables(jobs: list[Job], swept: list[str], sweep_dir: Path) -> list[Path]:
-    extra = [c for c in OPTIONAL_COLUMNS if any(job.metrics.get(c) is not None for job in jobs)]
+    extra = [c for c in OPTIONAL_COLUMNS if any(_reports(job, c) for job in jobs)]
     columns = [*RESULT_COLUMNS[:-1], *extra, RESULT_COLUMNS[-1]]  # the error stays last
     return _write_table([job.row(swept, columns) for job in jobs], ["job", *swept, *columns], sweep_dir, "results")
 

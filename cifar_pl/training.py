@@ -24,6 +24,7 @@ from cifar_pl.callbacks import EpochTimer
 from cifar_pl.classifier import use_test_time_flip
 from cifar_pl.cli import in_multirun
 from cifar_pl.config_checks import check_train_config
+from cifar_pl.data import ImageDataModule
 from cifar_pl.errors import ConfigurationError
 from cifar_pl.files import remove_stale_temporaries, write_json
 from cifar_pl.parameter_server import protocol as wire
@@ -142,6 +143,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule: L.LightningDataModule = instantiate(cfg.data, _convert_="all")
     model: L.LightningModule = instantiate(cfg.model, _convert_="all")
     tta = use_test_time_flip(model, datamodule, cfg.get("tta"))  # refused before training, not after
+    if isinstance(datamodule, ImageDataModule):  # checkpoints record the test this run does, for evaluate.py
+        datamodule.tta = datamodule.hparams["tta"] = tta
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = build_trainer(cfg, instantiate_callbacks(cfg.get("callbacks")), logger)
     if trainer.is_global_zero:

@@ -207,7 +207,11 @@ def test_a_network_trained_without_flips_is_tested_single_view_unless_asked(tmp_
     datamodule, model = instantiate(cfg.data, _convert_="all"), instantiate(cfg.model, _convert_="all")
     assert use_test_time_flip(model, datamodule, cfg.tta) is False and not caplog.records
     assert use_test_time_flip(model, datamodule, True) is True and model.test_time_flip
-    assert "trains without flips (data.augment=false)" in caplog.text
+    assert "trained without flips (data.augment=false)" in caplog.text
+    # data whose mirror images may change class: one view by default, without a word
+    cfg = compose_config(tmp_path, ["data=fashion_mnist", "data.flip=false"])
+    datamodule, model = instantiate(cfg.data, _convert_="all"), instantiate(cfg.model, _convert_="all")
+    assert use_test_time_flip(model, datamodule, cfg.tta) is False and not model.test_time_flip
 
 
 @pytest.mark.parametrize("dataset", sorted(CHOSEN))

@@ -201,14 +201,16 @@ def test_summarize_script_exit_codes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "experiment, swept",
+    "experiment, swept, tta",
     [
-        ("epoch_sweep", {"trainer.max_epochs": "range(1,6)"}),
-        ("compare_networks", {"model": "cnn,legacy", "trainer.max_epochs": "1,2,3"}),
-        ("ps_modes", {"strategy.mode": "sync,ssp,async"}),
+        ("epoch_sweep", {"trainer.max_epochs": "range(1,6)"}, None),
+        ("compare_networks", {"model": "cnn,legacy", "trainer.max_epochs": "1,2,3"}, None),
+        # the strategies are compared one view, as their committed results were measured
+        ("ps_modes", {"strategy.mode": "sync,ssp,async"}, False),
+        ("compression", {"+compression": "ps_none,ps_bf16,ps_topk,ddp_none,ddp_bf16,ddp_powersgd"}, False),
     ],
 )
-def test_named_experiments_set_their_sweep(tmp_path, experiment, swept):
+def test_named_experiments_set_their_sweep(tmp_path, experiment, swept, tta):
     from hydra import compose, initialize_config_dir
 
     from tests.helpers import CONF
@@ -218,6 +220,7 @@ def test_named_experiments_set_their_sweep(tmp_path, experiment, swept):
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert dict(cfg.hydra.sweeper.params) == swept
     assert compose_config(tmp_path, [f"experiment={experiment}"]).model.arch == "cnn"
+    assert cfg.tta is tta
 
 
 def test_a_parameter_server_sweep_gets_throughput_and_staleness_columns_and_accuracy_over_time(tmp_path):
@@ -255,10 +258,22 @@ def test_a_parameter_server_sweep_gets_throughput_and_staleness_columns_and_accu
 def test_a_sweep_of_runs_tested_with_mirror_images_keeps_their_single_view_accuracy(tmp_path):
     """Fashion-MNIST's test averages in mirror images (data.tta): the table shows the single view beside it."""
     sweep = tmp_path / "sweep"
-    for i, (epochs, tta, single) in enumerate([(1, 0.8861, 0.8804), (2, 0.9051, 0.9003)]):
-        metrics = {"status": "completed", "epochs": epochs, "test/acc": tta, "test/acc_single_view": single}
+    jobs = [(1, True, 0.8861, 0.8804), (2, True, 0.9051, 0.9003), (3, False, 0.9102, None)]  # tta=false on 3
+    for i, (epochs, tta, acc, single) in enumerate(jobs):
+        metrics = {"status": "completed", "epochs": epochs, "tta": tta, "test/acc": acc}
+        if single is not None:
+            metrics["test/acc_single_view"] = single
         _fixture_job(sweep, f"{i}_trainer.max_epochs={epochs}", [f"trainer.max_epochs={epochs}"], metrics)
     summarize_sweep(sweep)
     rows = _rows(sweep)
-    assert [(r["test/acc"], r["test/acc_single_view"]) for r in rows] == [("0.8861", "0.8804"), ("0.9051", "0.9003")]
+    assert [(r["tta"], r["test/acc"], r["test/acc_single_view"]) for r in rows] == [
+        ("True", "0.8861", "0.8804"),
+        ("True", "0.9051", "0.9003"),
+        ("False", "0.9102", "0.9102"),  # tested one view: that is its single-view accuracy
+    ]
     assert "| 0.8861 | " in (sweep / "results.md").read_text() and "0.9003" in (sweep / "results.md").read_text()
+    # a sweep tested one view throughout keeps its columns as they were
+    other = tmp_path / "other"
+    _fixture_job(other, "0_x", ["trainer.max_epochs=1"], {"status": "completed", "tta": False, "test/acc": 0.3})
+    summarize_sweep(other)
+    assert "tta" not in _rows(other)[0] and "test/acc_single_view" not in _rows(other)[0]

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from cifar_pl.evaluation import evaluate
+from cifar_pl.training import train
 from tests.helpers import TINY_SYNTHETIC, compose_config, run_script, tensorboard_scalars
 
 
@@ -108,6 +110,22 @@ def test_evaluate_with_tta_false_tests_one_view_of_each_image(trained_run, tmp_p
     assert evaluation["tta"] is False and "test/acc_single_view" not in evaluation
     assert evaluation["test/acc"] == pytest.approx(metrics["test/acc_single_view"], abs=1e-6)
     assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["tta"] is False
+
+
+def test_evaluate_tests_as_the_training_run_did_not_as_its_data_config_says(tmp_path):
+    """A run's tta=false outweighs its data config's data.tta=true, in its own test and in evaluate.py's; a
+    network trained without flips is tested one view even when evaluate.py is given a data config with tta."""
+    cfg = compose_config(tmp_path, [*TINY_SYNTHETIC, "data.tta=true", "tta=false", "trainer.max_epochs=1"])
+    metrics = train(cfg)
+    assert metrics["tta"] is False and "test/acc_single_view" not in metrics
+    evaluation = evaluate(compose_config(tmp_path, [f"ckpt_path={metrics['checkpoint']}"], config_name="evaluate"))
+    assert evaluation["tta"] is False and evaluation["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+
+    checkpoint = torch.load(metrics["checkpoint"], weights_only=True)
+    checkpoint["datamodule_hyper_parameters"]["augment"] = False  # as a run with data.augment=false writes it
+    torch.save(checkpoint, tmp_path / "no_flips.ckpt")
+    again = [f"ckpt_path={tmp_path / 'no_flips.ckpt'}", *TINY_SYNTHETIC, "data.tta=true"]  # augment: true
+    assert evaluate(compose_config(tmp_path, again, config_name="evaluate"))["tta"] is False
 
 
 def test_evaluate_with_a_missing_checkpoint_is_a_clear_error(tmp_path):

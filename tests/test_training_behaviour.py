@@ -147,7 +147,7 @@ def test_a_stop_inside_an_accumulation_window_keeps_the_last_consistent_checkpoi
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] in ("failed", "interrupted")
 
 
-def test_one_ctrl_c_that_arrives_after_a_sigterm_still_stops_at_the_end_of_the_step(tmp_path, signal_handlers):
+def test_one_ctrl_c_that_arrives_after_a_sigterm_still_stops_at_the_end_of_the_step(tmp_path, signal_handlers, capfd):
     """Under DDP the main process passes a Ctrl-C on to the ranks as SIGTERM, which can reach a rank before
     the terminal's own SIGINT does: that SIGINT is the first Ctrl-C, not a second one that stops at once."""
     where = ["+callbacks.chaos.epoch=1", "+callbacks.chaos.batch=5"]  # inside the window of batches 4-7
@@ -158,6 +158,7 @@ def test_one_ctrl_c_that_arrives_after_a_sigterm_still_stops_at_the_end_of_the_s
     last = _ckpt(tmp_path, "run")
     assert (last["epoch"], last["global_step"]) == (1, 6 + 2), "stopped and saved where the window ends"
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "interrupted"
+    assert "SIGINT: already stopping at the end of this optimizer step (SIGTERM asked first)" in capfd.readouterr().err
 
 
 def test_a_signal_during_the_final_validation_stops_the_run_as_announced(tmp_path, signal_handlers, capfd):
