@@ -274,6 +274,8 @@ def test_a_sweep_of_runs_tested_with_mirror_images_keeps_their_single_view_accur
     assert "| 0.8861 | " in (sweep / "results.md").read_text() and "0.9003" in (sweep / "results.md").read_text()
     # a sweep tested one view throughout keeps its columns as they were
     other = tmp_path / "other"
-    _fixture_job(other, "0_x", ["trainer.max_epochs=1"], {"status": "completed", "tta": False, "test/acc": 0.3})
+    _fixture_job(
+        other, "0_x", ["trainer.max_epochs=1"], {"status": "completed", "epochs": 1, "tta": False, "test/acc": 0.3}
+    )
     summarize_sweep(other)
     assert "tta" not in _rows(other)[0] and "test/acc_single_view" not in _rows(other)[0]

@@ -91,7 +91,7 @@ def test_evaluate_the_checkpoint_train_wrote(trained_run):
     evaluation = json.loads((eval_dir / "evaluation.json").read_text())
     assert evaluation["dataset"] == "synthetic" and evaluation["num_images"] == 256
     # same weights, same data, tested as the checkpoint's data config says: with mirror images
-    assert evaluation["tta"] is True and "With test-time flips" in result.stdout + result.stderr
+    assert evaluation["tta"] is True and "With each image's mirror averaged in (tta)" in result.stdout + result.stderr
     assert evaluation["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert evaluation["test/acc_single_view"] == pytest.approx(metrics["test/acc_single_view"], abs=1e-6)
     assert sum(map(sum, evaluation["confusion_matrix"])) == 256
