@@ -90,3 +90,15 @@ def test_the_top_level_keys_checked_are_those_of_the_entry_points_config(entry_p
         "hydra",
         "experiment",
     }
+
+
+def test_every_global_option_passes_the_config_checks(tmp_path):
+    """Experiments, ablation settings and compressions write at the top level (``@package _global_``): each
+    must pass the checks train.py runs first (no top-level key they add may be one train.py does not read)."""
+    from cifar_pl.config_checks import check_train_config
+
+    options = [f"experiment={name}" for name in _options("experiment")]
+    options += [f"+ablation={name}" for name in _options("ablation")]
+    options += [f"+compression={name}" for name in _options("compression")]
+    for option in options:
+        check_train_config(compose_config(tmp_path, [option]))
