@@ -69,6 +69,12 @@ def build_datamodule(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) ->
     return ImageDataModule(**hparams)
 
 
+def tested_with_mirrors(checkpoint: dict[str, Any]) -> bool:
+    """Whether the run that wrote ``checkpoint`` tested with each image's mirror averaged in (checkpoints
+    written before 7 December 2026 do not say: they were tested one view)."""
+    return bool((checkpoint.get("datamodule_hyper_parameters") or {}).get("tta", False))
+
+
 def trained_with_flips(checkpoint: dict[str, Any]) -> bool | None:
     """Whether the run that wrote ``checkpoint`` trained on mirror images (None where it does not say)."""
     hparams = checkpoint.get("datamodule_hyper_parameters")
@@ -137,7 +143,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model.load_state_dict(checkpoint["state_dict"])
     datamodule = build_datamodule(cfg, checkpoint, ckpt_path)
     _check_compatible(model, datamodule)
-    use_test_time_flip(model, datamodule, cfg.get("tta"), trained_with_flips(checkpoint))
+    tta = cfg.get("tta")
+    if tta is None:  # as the training run's final test did, whatever data config is given here
+        tta = tested_with_mirrors(checkpoint) and bool(getattr(datamodule, "flip", False))
+    use_test_time_flip(model, datamodule, tta, trained_with_flips(checkpoint))
 
     logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
     trainer = L.Trainer(

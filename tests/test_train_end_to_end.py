@@ -112,20 +112,24 @@ def test_evaluate_with_tta_false_tests_one_view_of_each_image(trained_run, tmp_p
     assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["tta"] is False
 
 
-def test_evaluate_tests_as_the_training_run_did_not_as_its_data_config_says(tmp_path):
-    """A run's tta=false outweighs its data config's data.tta=true, in its own test and in evaluate.py's; a
-    network trained without flips is tested one view even when evaluate.py is given a data config with tta."""
+def test_evaluate_tests_as_the_training_run_did_not_as_its_data_config_says(tmp_path, caplog):
+    """A run's tta=false outweighs its data config's data.tta=true, in its own test and in evaluate.py's, also
+    when evaluate.py is given a data config with tta; tta=true on a network trained without flips warns."""
     cfg = compose_config(tmp_path, [*TINY_SYNTHETIC, "data.tta=true", "tta=false", "trainer.max_epochs=1"])
     metrics = train(cfg)
     assert metrics["tta"] is False and "test/acc_single_view" not in metrics
     evaluation = evaluate(compose_config(tmp_path, [f"ckpt_path={metrics['checkpoint']}"], config_name="evaluate"))
     assert evaluation["tta"] is False and evaluation["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    # given a data config that asks for mirrors, evaluate.py still tests as the run did
+    with_data = [f"ckpt_path={metrics['checkpoint']}", *TINY_SYNTHETIC, "data.tta=true"]
+    assert evaluate(compose_config(tmp_path, with_data, config_name="evaluate"))["tta"] is False
 
     checkpoint = torch.load(metrics["checkpoint"], weights_only=True)
     checkpoint["datamodule_hyper_parameters"]["augment"] = False  # as a run with data.augment=false writes it
     torch.save(checkpoint, tmp_path / "no_flips.ckpt")
-    again = [f"ckpt_path={tmp_path / 'no_flips.ckpt'}", *TINY_SYNTHETIC, "data.tta=true"]  # augment: true
-    assert evaluate(compose_config(tmp_path, again, config_name="evaluate"))["tta"] is False
+    again = [f"ckpt_path={tmp_path / 'no_flips.ckpt'}", *TINY_SYNTHETIC, "tta=true"]  # the data config flips
+    assert evaluate(compose_config(tmp_path, again, config_name="evaluate"))["tta"] is True
+    assert "trained without flips (data.augment=false)" in caplog.text
 
 
 def test_evaluate_with_a_missing_checkpoint_is_a_clear_error(tmp_path):
