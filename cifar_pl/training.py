@@ -233,7 +233,7 @@ def run_worker(cfg: DictConfig) -> dict[str, Any]:
 
 
 HPARAM_GROUPS = ("data", "model", "trainer", "strategy")
-FINAL_METRICS = ("test/acc", "test/loss", "best_val/acc", "train_seconds", "seconds_per_epoch")
+FINAL_METRICS = ("test/acc", "test/acc_single_view", "test/loss", "best_val/acc", "train_seconds", "seconds_per_epoch")
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
@@ -261,8 +261,10 @@ def log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]) ->
         for k in FINAL_METRICS
         if isinstance(metrics.get(k), (int, float))
     }
+    settings = hparams_of(cfg)
+    settings["tta"] = bool(metrics.get("tta", False))  # the test this run did, whatever data.tta says
     for logger in trainer.loggers:
-        logger.log_hyperparams(hparams_of(cfg), metrics=final)
+        logger.log_hyperparams(settings, metrics=final)
         logger.save()
 
 

@@ -77,6 +77,7 @@ def test_every_job_has_an_hparams_session_with_its_settings(two_job_sweep):
         hparams = sessions[0]
         assert hparams["trainer.max_epochs"] == epochs
         assert hparams["model.arch"] == "cnn" and hparams["data.dataset"] == "synthetic"
+        assert hparams["tta"] == 0  # the test the run did, one view of each image (TensorBoard keeps bools as 0/1)
         scalars = tensorboard_scalars(job / "tensorboard")
         assert {"hparams/test_acc", "hparams/train_seconds", "hparams/best_val_acc"} <= set(scalars)
 
