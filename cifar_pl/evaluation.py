@@ -143,10 +143,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model.load_state_dict(checkpoint["state_dict"])
     datamodule = build_datamodule(cfg, checkpoint, ckpt_path)
     _check_compatible(model, datamodule)
-    tta = cfg.get("tta")
-    if tta is None:  # as the training run's final test did, whatever data config is given here
-        tta = tested_with_mirrors(checkpoint) and bool(getattr(datamodule, "flip", False))
-    use_test_time_flip(model, datamodule, tta, trained_with_flips(checkpoint))
+    datamodule.tta = tested_with_mirrors(checkpoint)  # by default, as the training run's final test did
+    use_test_time_flip(model, datamodule, cfg.get("tta"), trained_with_flips(checkpoint))
 
     logger = TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
     trainer = L.Trainer(

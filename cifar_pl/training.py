@@ -300,8 +300,8 @@ def _report(run_dir: Path, metrics: dict[str, Any]) -> None:
     if acc is not None:
         summary.append(f"Test accuracy:   {acc:.4f} (best checkpoint: {metrics.get('checkpoint')})")
         if metrics.get("test/acc_single_view") is not None:
-            summary[-1] += (
-                f"\n                 with mirror images (tta); one view: {metrics['test/acc_single_view']:.4f}"
+            summary.append(
+                f"                 with mirror images (tta); one view: {metrics['test/acc_single_view']:.4f}"
             )
     summary.append(f"Metrics:         {run_dir / METRICS_FILE}")
     summary.append(f"View the curves: tensorboard --logdir {tensorboard_root(run_dir)}")
